@@ -1,0 +1,108 @@
+"""Typed configuration: YAML files in ``engine/configs/`` map onto these classes.
+
+Unknown keys are errors, so a typo fails before any work starts. ``key=value``
+overrides from the command line address any field by its dotted path
+(``ingest.unit_size=64``); values are parsed as YAML scalars.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RayConfig(_Section):
+    # None: attach to RAY_ADDRESS when set (ray job submit), else start an embedded Ray.
+    address: str | None = None
+    # CPUs the embedded Ray may use; None = all of this machine's.
+    num_cpus: int | None = Field(default=None, ge=1)
+    # CPU share of one I/O task (ingest, export). Below 1 so that tasks never starve
+    # each other or the actors of a small machine.
+    task_cpus: float = Field(default=0.5, gt=0)
+    # Where an embedded Ray keeps its session files; None = a fresh temp dir per run.
+    temp_dir: str | None = None
+
+
+class IngestConfig(_Section):
+    # Inputs per committed part: a rerun redoes at most one unit per worker.
+    unit_size: int = Field(default=256, ge=1)
+    # Larger images are refused; this is also PIL's decompression-bomb limit.
+    max_image_pixels: int = Field(default=40_000_000, ge=1)
+    max_file_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
+    # Quality for images that must be re-encoded (EXIF rotation, non-RGB, non-JPEG).
+    jpeg_quality: int = Field(default=95, ge=1, le=100)
+    image_extensions: tuple[str, ...] = (
+        ".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff",
+    )  # fmt: skip
+
+
+class ExportConfig(_Section):
+    shard_max_samples: int = Field(default=1000, ge=1)
+    shard_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
+    coco: bool = True
+
+
+class ReportConfig(_Section):
+    gallery_size: int = Field(default=24, ge=0)
+    # spaCy pipeline for the text statistics table (FLD-5B Table 3).
+    spacy_model: str = "en_core_web_sm"
+
+
+class EngineConfig(_Section):
+    store: str | None = None
+    ray: RayConfig = RayConfig()
+    ingest: IngestConfig = IngestConfig()
+    export: ExportConfig = ExportConfig()
+    report: ReportConfig = ReportConfig()
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one ``dotted.key=value`` override to a nested dict, in place."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} is not of the form key=value")
+    *parents, leaf = key.split(".")
+    node = data
+    for name in parents:
+        child = node.setdefault(name, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {name!r} is not a section")
+        node = child
+    node[leaf] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> EngineConfig:
+    """Read a YAML config (None = all defaults), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from exc
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config {path} is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config {path} must be a mapping at the top level")
+    for override in overrides:
+        apply_override(data, override)
+    try:
+        return EngineConfig.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"config {path or '(defaults)'}: {where}: {first['msg']}") from exc

@@ -1,0 +1,164 @@
+"""The store: immutable Parquet parts under one fsspec root, committed by marker files.
+
+Layout (see DESIGN.md): ``manifest/``, ``quarantine/``, ``rounds/rNNN/<dataset>/``,
+``shards/rNNN/``, ``reports/rNNN/``. A dataset is a folder of parts
+``part-<unit>.parquet``; a part is visible only once its marker
+``_committed/<unit>.json`` exists. The marker is written after the part is complete,
+so the rule holds on object stores, which have no atomic rename, as well as on local
+disk. Units are fixed and deterministic: a rerun rewrites an uncommitted part under
+the same name and skips committed ones, so no row is ever written twice.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from collections.abc import Iterable
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from engine.records import MANIFEST_SCHEMA
+
+MARKER_DIR = "_committed"
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+class Store:
+    """A dataset store rooted at an fsspec URL (local path, ``file://``, ``memory://``, ``s3://``)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.fs, self.root = fsspec.core.url_to_fs(url)
+        self.root = self.root.rstrip("/") or "/"
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+    @property
+    def is_local(self) -> bool:
+        """True when every process on this machine sees the same files (not ``memory://``)."""
+        return "memory" not in _protocols(self.fs)
+
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    def check_writable(self) -> None:
+        """Fail early, with a clear message, when the root cannot be created or written."""
+        probe = self.path(".write-probe")
+        try:
+            self.fs.makedirs(self.root, exist_ok=True)
+            with self.fs.open(probe, "wb") as f:
+                f.write(b"ok")
+            self.fs.rm(probe)
+        except Exception as exc:  # any backend error means the same to the user
+            raise StoreError(f"store {self.url!r} is not writable: {exc}") from exc
+
+    # ------------------------------------------------------------ parts and markers
+
+    def _marker(self, dataset: str, unit: str) -> str:
+        return self.path(dataset, MARKER_DIR, f"{unit}.json")
+
+    def part_path(self, dataset: str, unit: str) -> str:
+        return self.path(dataset, f"part-{unit}.parquet")
+
+    def is_committed(self, dataset: str, unit: str) -> bool:
+        return self.fs.exists(self._marker(dataset, unit))
+
+    def unit_done(self, unit: str, datasets: Iterable[str]) -> bool:
+        return all(self.is_committed(dataset, unit) for dataset in datasets)
+
+    def commit_unit(self, unit: str, tables: dict[str, pa.Table]) -> None:
+        """Write one part per dataset for ``unit``, then their markers.
+
+        All parts are complete before the first marker is written; a unit counts as done
+        only when every one of its markers exists (``unit_done``), so a kill between two
+        markers makes the rerun redo the whole unit, rewriting identical parts.
+        """
+        for dataset, table in tables.items():
+            path = self.part_path(dataset, unit)
+            self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+            with self.fs.open(path, "wb") as f:
+                pq.write_table(table, f, compression="zstd")
+        for dataset, table in tables.items():
+            marker = self._marker(dataset, unit)
+            self.fs.makedirs(posixpath.dirname(marker), exist_ok=True)
+            with self.fs.open(marker, "w") as f:
+                json.dump({"part": f"part-{unit}.parquet", "rows": table.num_rows}, f)
+
+    def committed_units(self, dataset: str) -> list[str]:
+        marker_dir = self.path(dataset, MARKER_DIR)
+        if not self.fs.exists(marker_dir):
+            return []
+        names = [posixpath.basename(p) for p in self.fs.ls(marker_dir, detail=False)]
+        return sorted(n[: -len(".json")] for n in names if n.endswith(".json"))
+
+    def read(self, dataset: str, columns: list[str] | None = None) -> pa.Table | None:
+        """All committed parts of a dataset in unit order, or None when it has none."""
+        tables = []
+        for unit in self.committed_units(dataset):
+            with self.fs.open(self.part_path(dataset, unit), "rb") as f:
+                tables.append(pq.read_table(f, columns=columns))
+        if not tables:
+            return None
+        return pa.concat_tables(tables, promote_options="default")
+
+    def read_unit(self, dataset: str, unit: str, columns: list[str] | None = None) -> pa.Table:
+        with self.fs.open(self.part_path(dataset, unit), "rb") as f:
+            return pq.read_table(f, columns=columns)
+
+    # ------------------------------------------------------------ files
+
+    def write_bytes(self, relpath: str, data: bytes) -> None:
+        path = self.path(relpath)
+        self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        with self.fs.open(path, "wb") as f:
+            f.write(data)
+
+    def exists(self, relpath: str) -> bool:
+        return self.fs.exists(self.path(relpath))
+
+    # ------------------------------------------------------------ rounds
+
+    def rounds(self) -> list[int]:
+        """Rounds that exist in the store (``rounds/rNNN``), ascending."""
+        base = self.path("rounds")
+        if not self.fs.exists(base):
+            return []
+        found = []
+        for p in self.fs.ls(base, detail=False):
+            name = posixpath.basename(p.rstrip("/"))
+            if name.startswith("r") and name[1:].isdigit():
+                found.append(int(name[1:]))
+        return sorted(found)
+
+
+def round_dir(round_number: int) -> str:
+    return f"r{round_number:03d}"
+
+
+def manifest_view(table: pa.Table | None) -> pa.Table:
+    """The manifest as stages see it: one row per ``image_id``, the first in unit order.
+
+    Ingest units run in parallel and each keeps every decodable image it read, so the
+    same content can land in two parts; deduplicating on read keeps the parts immutable
+    and the result independent of which unit finished first.
+    """
+    if table is None:
+        return MANIFEST_SCHEMA.empty_table()
+    seen: set[str] = set()
+    keep = []
+    for index, image_id in enumerate(table.column("image_id").to_pylist()):
+        if image_id not in seen:
+            seen.add(image_id)
+            keep.append(index)
+    return table.take(keep) if len(keep) < table.num_rows else table
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    protocol = fs.protocol
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)

@@ -1,0 +1,69 @@
+import uuid
+
+import pyarrow as pa
+import pytest
+
+from engine.records import ImageRecord, records_to_table
+from engine.store import Store, manifest_view
+
+
+@pytest.fixture(params=["file", "memory"])
+def store(request, tmp_path):
+    if request.param == "file":
+        return Store(f"file://{tmp_path}/store")
+    return Store(f"memory://store-{uuid.uuid4().hex}")
+
+
+def table(ids):
+    return pa.table({"image_id": ids, "n": list(range(len(ids)))})
+
+
+def test_part_is_invisible_until_committed(store):
+    assert store.read("manifest") is None
+    # A part written without its marker, as after a kill mid-commit.
+    path = store.part_path("manifest", "u1")
+    store.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with store.fs.open(path, "wb") as f:
+        f.write(b"half a parquet file")
+    assert store.read("manifest") is None
+    assert not store.unit_done("u1", ["manifest"])
+    store.commit_unit("u1", {"manifest": table(["a", "b"])})
+    assert store.read("manifest").column("image_id").to_pylist() == ["a", "b"]
+
+
+def test_unit_is_done_only_when_every_dataset_is_committed(store):
+    store.commit_unit("u1", {"manifest": table(["a"])})
+    assert store.unit_done("u1", ["manifest"])
+    assert not store.unit_done("u1", ["manifest", "quarantine"])
+    store.commit_unit("u1", {"manifest": table(["a"]), "quarantine": table([])})
+    assert store.unit_done("u1", ["manifest", "quarantine"])
+    # Recommitting rewrites the same part: no duplicate rows.
+    assert store.read("manifest").num_rows == 1
+
+
+def test_parts_read_in_unit_order(store):
+    store.commit_unit("b", {"ds": table(["3"])})
+    store.commit_unit("a", {"ds": table(["1", "2"])})
+    assert store.committed_units("ds") == ["a", "b"]
+    assert store.read("ds").column("image_id").to_pylist() == ["1", "2", "3"]
+    assert store.read("ds", columns=["n"]).column_names == ["n"]
+
+
+def test_manifest_view_keeps_first_of_each_image():
+    records = [ImageRecord(i, f"u{k}", "s", 1, 1, "h") for k, i in enumerate("abab")]
+    view = manifest_view(records_to_table(records, images=[b"x"] * 4))
+    assert view.column("uri").to_pylist() == ["u0", "u1"]
+    assert manifest_view(None).num_rows == 0
+
+
+def test_rounds_are_listed(store):
+    assert store.rounds() == []
+    store.commit_unit("u", {"rounds/r002/merged": table(["a"]), "rounds/r000/merged": table(["a"])})
+    assert store.rounds() == [0, 2]
+
+
+def test_unwritable_store_is_reported(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(Exception, match="not writable"):
+        Store(str(blocker / "store")).check_writable()
