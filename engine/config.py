@@ -84,7 +84,9 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     node[leaf] = yaml.safe_load(raw)
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> EngineConfig:
+def load_config(
+    path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()
+) -> EngineConfig:
     """Read a YAML config (None = all defaults), apply overrides, validate."""
     data: dict[str, Any] = {}
     if path is not None:

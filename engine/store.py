@@ -141,6 +141,24 @@ def round_dir(round_number: int) -> str:
     return f"r{round_number:03d}"
 
 
+def round_dataset(round_number: int, name: str) -> str:
+    """Path of a round's dataset, e.g. ``rounds/r001/filtered``."""
+    return f"rounds/{round_dir(round_number)}/{name}"
+
+
+def records_dataset(store: Store, round_number: int) -> str:
+    """The most finished set of records a round has: filtered, else merged, else the manifest.
+
+    Export and report work on whatever the round has reached, so a store holding only
+    ingested images (with their human labels) can already be exported.
+    """
+    for name in ("filtered", "merged"):
+        dataset = round_dataset(round_number, name)
+        if store.committed_units(dataset):
+            return dataset
+    return "manifest"
+
+
 def manifest_view(table: pa.Table | None) -> pa.Table:
     """The manifest as stages see it: one row per ``image_id``, the first in unit order.
 

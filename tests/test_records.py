@@ -45,7 +45,13 @@ def full_record() -> ImageRecord:
                 round=1,
                 quad=[1, 2, 3, 2, 3, 4, 1, 4],
             ),
-            Region((0, 0, 5, 5), "", "proposal", "sam", polygons=[[0, 0, 5, 0, 5, 5], [1, 1, 2, 2, 1, 2]]),
+            Region(
+                (0, 0, 5, 5),
+                "",
+                "proposal",
+                "sam",
+                polygons=[[0, 0, 5, 0, 5, 5], [1, 1, 2, 2, 1, 2]],
+            ),
         ],
         phrases=[Phrase("brief", 2, 5, "cat", [0], source="gdino", score=0.9, round=0)],
     )

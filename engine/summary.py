@@ -1,0 +1,45 @@
+"""What a stage reports when it ends: counts in and out, refusals by reason, speed."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class StageSummary:
+    stage: str
+    inputs: int = 0
+    outputs: int = 0
+    # Inputs refused into quarantine/, by reason.
+    quarantined: Counter[str] = field(default_factory=Counter)
+    # Records or annotations a step set aside (dropped/ or counted), by reason.
+    dropped: Counter[str] = field(default_factory=Counter)
+    # Units skipped because an earlier run had committed them.
+    units_skipped: int = 0
+    units_run: int = 0
+    seconds: float = 0.0
+    # Where the stage's main output lives, for the closing message.
+    location: str = ""
+
+    def add(self, other: StageSummary) -> None:
+        """Fold the summary of one unit into this one."""
+        self.inputs += other.inputs
+        self.outputs += other.outputs
+        self.quarantined.update(other.quarantined)
+        self.dropped.update(other.dropped)
+
+    def format(self) -> str:
+        rate = self.inputs / self.seconds if self.seconds > 0 else 0.0
+        lines = [
+            f"[{self.stage}] in {self.inputs}  out {self.outputs}  "
+            f"quarantined {sum(self.quarantined.values())}  dropped {sum(self.dropped.values())}  "
+            f"units run {self.units_run} skipped {self.units_skipped}  "
+            f"{self.seconds:.1f}s  {rate:.1f} items/s"
+        ]
+        for label, counts in (("quarantined", self.quarantined), ("dropped", self.dropped)):
+            for reason, count in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+                lines.append(f"    {label}: {reason}: {count}")
+        if self.location:
+            lines.append(f"    -> {self.location}")
+        return "\n".join(lines)
