@@ -85,10 +85,20 @@ class Store:
             with self.fs.open(path, "wb") as f:
                 pq.write_table(table, f, compression="zstd")
         for dataset, table in tables.items():
-            marker = self._marker(dataset, unit)
-            self.fs.makedirs(posixpath.dirname(marker), exist_ok=True)
-            with self.fs.open(marker, "w") as f:
-                json.dump({"part": f"part-{unit}.parquet", "rows": table.num_rows}, f)
+            self.write_marker(
+                dataset, unit, {"part": f"part-{unit}.parquet", "rows": table.num_rows}
+            )
+
+    def write_marker(self, dataset: str, unit: str, info: dict) -> None:
+        """Commit a unit of ``dataset`` whose files are complete; ``info`` describes them."""
+        marker = self._marker(dataset, unit)
+        self.fs.makedirs(posixpath.dirname(marker), exist_ok=True)
+        with self.fs.open(marker, "w") as f:
+            json.dump(info, f)
+
+    def read_marker(self, dataset: str, unit: str) -> dict:
+        with self.fs.open(self._marker(dataset, unit), "r") as f:
+            return json.load(f)
 
     def committed_units(self, dataset: str) -> list[str]:
         marker_dir = self.path(dataset, MARKER_DIR)
@@ -175,6 +185,21 @@ def manifest_view(table: pa.Table | None) -> pa.Table:
             seen.add(image_id)
             keep.append(index)
     return table.take(keep) if len(keep) < table.num_rows else table
+
+
+def kept_image_ids_by_unit(store: Store) -> dict[str, tuple[str, ...]]:
+    """For each committed manifest unit, the image ids the manifest view keeps from it.
+
+    Reads only the id column, so a driver can plan per-unit work over a large manifest.
+    """
+    seen: set[str] = set()
+    kept: dict[str, tuple[str, ...]] = {}
+    for unit in store.committed_units("manifest"):
+        ids = store.read_unit("manifest", unit, columns=["image_id"]).column("image_id")
+        fresh = [image_id for image_id in ids.to_pylist() if image_id not in seen]
+        seen.update(fresh)
+        kept[unit] = tuple(fresh)
+    return kept
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:

@@ -1,0 +1,115 @@
+"""Running stages on Ray: an embedded local Ray on a laptop, the cluster under ``ray job submit``.
+
+Stages cut their work into fixed, deterministic units; ``run_units`` runs the units not
+yet committed as Ray tasks with a fractional CPU each, shows progress, and folds the
+per-unit summaries into one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import ray
+from tqdm import tqdm
+
+from engine.config import RayConfig
+from engine.summary import StageSummary
+
+UnitT = TypeVar("UnitT")
+
+
+class StageError(RuntimeError):
+    pass
+
+
+@contextmanager
+def ray_session(config: RayConfig) -> Iterator[None]:
+    """Attach to a cluster when an address is known, else run an embedded local Ray.
+
+    The embedded Ray listens on loopback only and keeps its session files in a temp dir
+    of this run, removed afterwards. An already initialised Ray (a test session, a
+    notebook) is used as it is and left running.
+    """
+    if ray.is_initialized():
+        yield
+        return
+    address = config.address or os.environ.get("RAY_ADDRESS")
+    temp_dir = None
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # Without this Ray binds every interface; an embedded engine has no business there.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        temp_dir = config.temp_dir or tempfile.mkdtemp(prefix="fld-ray-")
+        # address="local" never attaches to a stale cluster someone else started.
+        ray.init(
+            address="local",
+            num_cpus=config.num_cpus,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            _temp_dir=temp_dir,
+            logging_level="WARNING",
+        )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        if temp_dir and not config.temp_dir:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def run_units(
+    stage: str,
+    work: Callable[[UnitT], StageSummary],
+    units: Sequence[UnitT],
+    *,
+    done: Callable[[UnitT], bool],
+    num_cpus: float,
+    max_in_flight: int = 64,
+) -> StageSummary:
+    """Run ``work`` on every unit that is not ``done`` yet, as Ray tasks.
+
+    ``work`` commits its own output and returns that unit's summary. A unit that raises
+    is reported and the others go on; the stage then fails, naming the units, and a
+    rerun redoes only those. ``max_in_flight`` bounds the tasks submitted at once, so a
+    million units do not become a million pending objects on the driver.
+    """
+    started = time.perf_counter()
+    summary = StageSummary(stage)
+    todo = [unit for unit in units if not done(unit)]
+    summary.units_skipped = len(units) - len(todo)
+    remote = ray.remote(num_cpus=num_cpus, max_retries=2)(work)
+    pending: dict[Any, UnitT] = {}
+    failures: list[str] = []
+    queue = iter(todo)
+    with tqdm(total=len(todo), desc=stage, unit="unit", file=sys.stderr, disable=not todo) as bar:
+        while True:
+            for unit in queue:
+                pending[remote.remote(unit)] = unit
+                if len(pending) >= max_in_flight:
+                    break
+            if not pending:
+                break
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            unit = pending.pop(ready[0])
+            try:
+                summary.add(ray.get(ready[0]))
+                summary.units_run += 1
+            except Exception as exc:
+                failures.append(f"{getattr(unit, 'key', unit)}: {exc}")
+            bar.update(1)
+            bar.set_postfix(items=summary.inputs)
+    summary.seconds = time.perf_counter() - started
+    if failures:
+        raise StageError(
+            f"{stage}: {len(failures)} of {len(todo)} units failed (rerun to retry them): "
+            + "; ".join(failures[:3])
+        )
+    return summary

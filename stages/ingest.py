@@ -1,0 +1,321 @@
+"""Ingest: image folders, globs, COCO files and WebDataset tars into the manifest.
+
+The driver expands the inputs into fixed units (a sorted chunk of files, one tar, a
+chunk of a COCO file's images) named by a hash of what they hold, so a rerun finds
+the same units and skips the committed ones. Each unit, a Ray task, reads its inputs,
+decodes and normalises every image (``image_decode``) and commits one manifest part
+and one quarantine part together. Duplicate content is kept out by the manifest view
+(first in unit order) and listed in quarantine by a final step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import tarfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import fsspec
+
+from engine.config import EngineConfig, IngestConfig
+from engine.execution import run_units
+from engine.records import (
+    ImageRecord,
+    QuarantineEntry,
+    image_id_for,
+    quarantine_to_table,
+    records_to_table,
+)
+from engine.store import Store
+from engine.summary import StageSummary
+from stages.image_decode import RefusedInput, decode_image
+from stages.ingest_coco import CocoInput, HumanLabels, labels_to_regions, read_coco
+
+MANIFEST = "manifest"
+QUARANTINE = "quarantine"
+GLOB_CHARS = "*?["
+
+
+class InputError(ValueError):
+    """An input path that cannot be read at all; raised before any work starts."""
+
+
+@dataclass(frozen=True, slots=True)
+class IngestItem:
+    uri: str
+    source: str
+    labels: HumanLabels | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IngestUnit:
+    key: str
+    store_url: str
+    config: IngestConfig
+    items: tuple[IngestItem, ...] = ()
+    # A WebDataset shard is one unit: its members are only known by reading it.
+    tar: str | None = None
+    # Refusals found while planning (COCO annotations), committed with this unit.
+    refused: tuple[QuarantineEntry, ...] = ()
+
+
+@dataclass
+class IngestPlan:
+    units: list[IngestUnit]
+    notes: Counter[str]
+
+
+def plan_ingest(inputs: list[str], store: Store, config: IngestConfig) -> IngestPlan:
+    """Expand inputs into units. Raises InputError for a path that does not exist."""
+    files: dict[str, str] = {}
+    tars: list[str] = []
+    coco_units: list[IngestUnit] = []
+    notes: Counter[str] = Counter()
+    for spec in inputs:
+        uris, from_folder = _expand(spec)
+        for uri in uris:
+            # A COCO file is named as an input; a .json inside an image folder is not one.
+            if uri.endswith(".json") and not from_folder:
+                try:
+                    coco = read_coco(uri)
+                except (ValueError, OSError) as exc:
+                    raise InputError(f"input {uri!r} is not a readable COCO file: {exc}") from exc
+                notes.update(coco.notes)
+                coco_units.extend(_coco_units(coco, store, config))
+            elif uri.endswith(".tar"):
+                tars.append(uri)
+            else:
+                files.setdefault(uri, "folder")
+    units = []
+    ordered = sorted(files)
+    for start in range(0, len(ordered), config.unit_size):
+        chunk = ordered[start : start + config.unit_size]
+        items = tuple(IngestItem(uri, files[uri]) for uri in chunk)
+        units.append(IngestUnit(_key("files", *chunk), store.url, config, items=items))
+    for tar in sorted(set(tars)):
+        units.append(IngestUnit(_key("tar", tar), store.url, config, tar=tar))
+    return IngestPlan(units + coco_units, notes)
+
+
+def run_ingest(store: Store, config: EngineConfig, plan: IngestPlan) -> StageSummary:
+    """Run the units of ``plan`` (from ``plan_ingest``) not yet committed."""
+    summary = run_units(
+        "ingest",
+        ingest_unit,
+        plan.units,
+        done=lambda unit: store.unit_done(unit.key, (MANIFEST, QUARANTINE)),
+        num_cpus=config.ray.task_cpus,
+    )
+    summary.dropped.update(plan.notes)
+    duplicates = quarantine_duplicates(store)
+    summary.quarantined["duplicate image"] += duplicates
+    summary.outputs -= duplicates
+    summary.location = store.path(MANIFEST)
+    return summary
+
+
+def ingest_unit(unit: IngestUnit) -> StageSummary:
+    """Decode every input of one unit; commit its manifest and quarantine parts together."""
+    store = Store(unit.store_url)
+    summary = StageSummary("ingest")
+    records: list[ImageRecord] = []
+    images: list[bytes] = []
+    refused: list[QuarantineEntry] = list(unit.refused)
+    first_uri: dict[str, str] = {}
+    for item, data, problem in _read_items(unit):
+        summary.inputs += 1
+        if problem is not None:
+            refused.append(_refusal(item, problem))
+            continue
+        try:
+            decoded = decode_image(
+                data,
+                max_pixels=unit.config.max_image_pixels,
+                max_bytes=unit.config.max_file_bytes,
+                jpeg_quality=unit.config.jpeg_quality,
+            )
+        except RefusedInput as exc:
+            refused.append(_refusal(item, exc, hashlib.sha256(data).hexdigest()))
+            continue
+        sha256 = hashlib.sha256(data).hexdigest()
+        kept_uri = first_uri.setdefault(sha256, item.uri)
+        if kept_uri != item.uri:
+            duplicate = RefusedInput("duplicate image", f"same content as {kept_uri}")
+            refused.append(_refusal(item, duplicate, sha256))
+            continue
+        record = ImageRecord(
+            image_id=image_id_for(sha256),
+            uri=item.uri,
+            source=item.source,
+            width=decoded.width,
+            height=decoded.height,
+            sha256=sha256,
+        )
+        if item.labels is not None:
+            regions, captions, label_refusals, changed = labels_to_regions(
+                item.labels, decoded.width, decoded.height, item.uri
+            )
+            record.regions, record.captions = regions, captions
+            refused.extend(label_refusals)
+            summary.dropped.update(changed)
+        records.append(record)
+        images.append(decoded.jpeg)
+    for entry in refused:
+        summary.quarantined[entry.reason] += 1
+    summary.outputs = len(records)
+    store.commit_unit(
+        unit.key,
+        {
+            MANIFEST: records_to_table(records, images=images),
+            QUARANTINE: quarantine_to_table(refused),
+        },
+    )
+    return summary
+
+
+def quarantine_duplicates(store: Store) -> int:
+    """List manifest rows whose content came first in another unit; returns how many.
+
+    Idempotent: only duplicates not yet in quarantine are written, as one part named by
+    their hash, so a rerun writes nothing new.
+    """
+    manifest = store.read(MANIFEST, columns=["image_id", "uri", "sha256"])
+    if manifest is None:
+        return 0
+    first_uri: dict[str, str] = {}
+    duplicates = []
+    for row in manifest.to_pylist():
+        kept = first_uri.setdefault(row["image_id"], row["uri"])
+        if kept != row["uri"]:
+            duplicates.append(
+                QuarantineEntry(
+                    uri=row["uri"],
+                    source="ingest",
+                    reason="duplicate image",
+                    detail=f"same content as {kept}",
+                    sha256=row["sha256"],
+                )
+            )
+    quarantine = store.read(QUARANTINE, columns=["uri", "reason"])
+    listed = set()
+    if quarantine is not None:
+        listed = {(r["uri"], r["reason"]) for r in quarantine.to_pylist()}
+    new = [d for d in duplicates if (d.uri, d.reason) not in listed]
+    if new:
+        key = _key("duplicates", *sorted(d.uri for d in new))
+        store.commit_unit(key, {QUARANTINE: quarantine_to_table(new)})
+    return len(duplicates)
+
+
+# ---------------------------------------------------------------- reading inputs
+
+Problem = RefusedInput | None
+
+
+def _read_items(unit: IngestUnit) -> Iterator[tuple[IngestItem, bytes, Problem]]:
+    if unit.tar is not None:
+        yield from _read_tar(unit.tar, unit.config)
+        return
+    for item in unit.items:
+        try:
+            with fsspec.open(item.uri, "rb") as f:
+                # Read one byte past the limit: enough to know the file is too large.
+                data = f.read(unit.config.max_file_bytes + 1)
+        except (OSError, ValueError) as exc:
+            yield item, b"", RefusedInput("unreadable file", f"{type(exc).__name__}: {exc}")
+            continue
+        yield item, data, None
+
+
+def _read_tar(uri: str, config: IngestConfig) -> Iterator[tuple[IngestItem, bytes, Problem]]:
+    """Members of a WebDataset shard, streamed; never extracted to disk.
+
+    Members with unsafe names (absolute, escaping with ``..``) or that are links or
+    devices are refused, as a tar extractor would be attacked through them. Sidecars
+    (``.json``, ``.txt``, ``.cls``...) are not images and are skipped.
+    """
+    try:
+        with fsspec.open(uri, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            for member in tar:
+                item = IngestItem(f"{uri}#{member.name}", "tar")
+                if member.isdir():
+                    continue
+                unsafe = _unsafe_member(member)
+                if unsafe:
+                    yield item, b"", RefusedInput("unsafe tar member", unsafe)
+                    continue
+                extension = posixpath.splitext(member.name)[1].lower()
+                if extension not in config.image_extensions:
+                    continue
+                if member.size > config.max_file_bytes:
+                    size = f"{member.size} bytes > {config.max_file_bytes}"
+                    yield item, b"", RefusedInput("file too large", size)
+                    continue
+                fileobj = tar.extractfile(member)
+                yield item, fileobj.read() if fileobj else b"", None
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        item = IngestItem(uri, "tar")
+        yield item, b"", RefusedInput("corrupt tar", f"{type(exc).__name__}: {exc}")
+
+
+def _unsafe_member(member: tarfile.TarInfo) -> str | None:
+    if member.issym() or member.islnk():
+        return f"link to {member.linkname!r}"
+    if not member.isfile():
+        return "not a regular file"
+    name = member.name
+    if name.startswith("/") or posixpath.normpath(name).split("/")[0] == "..":
+        return f"name escapes the shard: {name!r}"
+    return None
+
+
+def _refusal(item: IngestItem, problem: RefusedInput, sha256: str | None = None) -> QuarantineEntry:
+    return QuarantineEntry(
+        uri=item.uri,
+        source=item.source,
+        reason=problem.reason,
+        detail=problem.detail,
+        sha256=sha256,
+    )
+
+
+def _expand(spec: str) -> tuple[list[str], bool]:
+    """One input argument as file URLs, and whether it named a folder.
+
+    A folder is walked recursively (hidden files skipped); a glob is expanded; a file is
+    itself.
+    """
+    fs, path = fsspec.core.url_to_fs(spec)
+    if any(c in path for c in GLOB_CHARS):
+        matches = [p for p in fs.glob(path) if fs.isfile(p)]
+        if not matches:
+            raise InputError(f"input {spec!r} matches no file")
+        return [fs.unstrip_protocol(p) for p in sorted(matches)], False
+    if fs.isdir(path):
+        found = sorted(p for p in fs.find(path) if not posixpath.basename(p).startswith("."))
+        if not found:
+            raise InputError(f"input folder {spec!r} is empty")
+        return [fs.unstrip_protocol(p) for p in found], True
+    if fs.isfile(path):
+        return [fs.unstrip_protocol(path)], False
+    raise InputError(f"input {spec!r} does not exist or cannot be read")
+
+
+def _coco_units(coco: CocoInput, store: Store, config: IngestConfig) -> list[IngestUnit]:
+    ordered = sorted(coco.images)
+    source = f"coco:{posixpath.basename(coco.uri)}"
+    units = []
+    for start in range(0, max(len(ordered), 1), config.unit_size):
+        chunk = ordered[start : start + config.unit_size]
+        items = tuple(IngestItem(uri, source, coco.images[uri]) for uri in chunk)
+        # The file's own refusals travel with its first unit, so they are committed once.
+        refused = tuple(coco.refused) if start == 0 else ()
+        key = _key("coco", coco.uri, *chunk)
+        units.append(IngestUnit(key, store.url, config, items=items, refused=refused))
+    return units
+
+
+def _key(*parts: str) -> str:
+    return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]

@@ -1,0 +1,120 @@
+import json
+
+import pytest
+
+from engine.config import load_config
+from engine.records import records_from_table
+from engine.store import Store, manifest_view
+from stages.ingest import InputError, plan_ingest, run_ingest
+from tests.inputs import encode, messy_input_folder, photo, write_coco
+
+CONFIG = load_config("engine/configs/test.yaml")
+
+
+def ingest(store: Store, *inputs: str):
+    return run_ingest(store, CONFIG, plan_ingest(list(inputs), store, CONFIG.ingest))
+
+
+def test_messy_folder_keeps_every_good_image_once_and_quarantines_the_rest(tmp_path, ray_cluster):
+    truth = messy_input_folder(tmp_path / "in", CONFIG.ingest.max_image_pixels)
+    store = Store(str(tmp_path / "store"))
+    summary = ingest(store, str(tmp_path / "in"))
+
+    manifest = manifest_view(store.read("manifest"))
+    assert manifest.num_rows == truth["unique_good"]
+    assert summary.outputs == truth["unique_good"]
+    assert len(set(manifest.column("image_id").to_pylist())) == manifest.num_rows
+
+    quarantine = store.read("quarantine").to_pylist()
+    reasons = {row["uri"].split(str(tmp_path / "in") + "/")[1]: row["reason"] for row in quarantine}
+    for name, reason in truth["reasons"].items():
+        assert reasons[name] == reason, name
+    for pair in truth["duplicate_pairs"]:
+        assert sorted(str(reasons.get(name)) for name in pair) == ["None", "duplicate image"]
+    # Every input is accounted for: kept, or in quarantine with a reason.
+    assert summary.inputs == manifest.num_rows + len(quarantine)
+    # Nothing was written outside the store (the tar's ../ member in particular).
+    assert not (tmp_path / "escape.jpg").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "store"]
+
+
+def test_rotated_image_is_stored_upright(tmp_path, ray_cluster):
+    truth_dir = tmp_path / "in"
+    messy_input_folder(truth_dir, CONFIG.ingest.max_image_pixels)
+    store = Store(str(tmp_path / "store"))
+    ingest(store, str(truth_dir / "rotated.jpg"))
+    (record,) = records_from_table(store.read("manifest"))
+    assert (record.width, record.height) == (48, 64)
+
+
+def test_rerun_skips_committed_units_and_adds_nothing(tmp_path, ray_cluster):
+    messy_input_folder(tmp_path / "in", CONFIG.ingest.max_image_pixels)
+    store = Store(str(tmp_path / "store"))
+    ingest(store, str(tmp_path / "in"))
+    first = (store.read("manifest").num_rows, store.read("quarantine").num_rows)
+    again = ingest(store, str(tmp_path / "in"))
+    assert again.units_run == 0 and again.units_skipped > 0
+    assert (store.read("manifest").num_rows, store.read("quarantine").num_rows) == first
+
+
+def test_coco_labels_enter_as_human_annotations(tmp_path, ray_cluster):
+    folder = tmp_path / "coco"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(encode(photo(100, 80, seed=1)))
+    (folder / "b.jpg").write_bytes(encode(photo(60, 60, seed=2)))
+    write_coco(
+        folder / "labels.json",
+        {"a.jpg": (100, 80), "b.jpg": (60, 60), "missing.jpg": (10, 10)},
+        [
+            {"image_id": 1, "category_id": 1, "bbox": [10, 10, 30, 20],
+             "segmentation": [[10, 10, 40, 10, 40, 30]]},
+            {"image_id": 1, "category_id": 2, "bbox": [90, 70, 30, 30]},  # clipped
+            {"image_id": 1, "category_id": 2, "bbox": [200, 200, 5, 5]},  # outside
+            {"image_id": 1, "category_id": 1, "bbox": [float("nan"), 0, 5, 5]},
+            {"image_id": 1, "category_id": 1, "bbox": [5, 5, -3, 4]},
+            {"image_id": 1, "category_id": 9, "bbox": [5, 5, 3, 4]},
+            {"image_id": 7, "category_id": 1, "bbox": [5, 5, 3, 4]},
+            {"image_id": 1, "caption": "A cat and a dog."},
+            {"image_id": 1, "caption": "Two animals."},
+        ],
+    )  # fmt: skip
+    store = Store(str(tmp_path / "store"))
+    summary = ingest(store, str(folder / "labels.json"))
+
+    records = {r.uri.rsplit("/", 1)[1]: r for r in records_from_table(store.read("manifest"))}
+    assert set(records) == {"a.jpg", "b.jpg"}
+    a = records["a.jpg"]
+    assert [(r.text, r.box, r.source) for r in a.regions] == [
+        ("cat", (10.0, 10.0, 40.0, 30.0), "human:coco"),
+        ("dog", (90.0, 70.0, 100.0, 80.0), "human:coco"),
+    ]
+    assert a.regions[0].polygons == [[10.0, 10.0, 40.0, 10.0, 40.0, 30.0]]
+    assert a.captions["brief"].text == "A cat and a dog."
+    assert records["b.jpg"].regions == []
+
+    reasons = sorted(row["reason"] for row in store.read("quarantine").to_pylist())
+    assert reasons == sorted(
+        [
+            "annotation of unknown category",
+            "annotation of unknown image",
+            "box outside image",
+            "invalid box (empty or negative size)",
+            "invalid box (not finite)",
+            "unreadable file",
+        ]
+    )
+    assert summary.dropped["box clipped to image"] == 1
+    assert summary.dropped["captions beyond the first not kept"] == 1
+
+
+@pytest.mark.parametrize("spec", ["nothing-here", "nothing-here/*.jpg"])
+def test_missing_input_fails_before_any_work(tmp_path, spec):
+    store = Store(str(tmp_path / "store"))
+    with pytest.raises(InputError):
+        plan_ingest([str(tmp_path / spec)], store, CONFIG.ingest)
+
+
+def test_invalid_coco_file_fails_before_any_work(tmp_path):
+    (tmp_path / "labels.json").write_text(json.dumps({"not": "coco"}))
+    with pytest.raises(InputError, match="COCO"):
+        plan_ingest([str(tmp_path / "labels.json")], Store(str(tmp_path / "s")), CONFIG.ingest)
