@@ -97,7 +97,11 @@ def load_config(
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config {path} is not valid YAML: {exc}") from exc
+            # PyYAML's message spans lines; the problem and its position fit on one.
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"config {path} is not valid YAML{where}: {problem}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"config {path} must be a mapping at the top level")
     for override in overrides:

@@ -133,8 +133,9 @@ def test_folder_instead_of_file_is_an_error(tmp_path):
 
 @pytest.mark.parametrize("text", ["ingest: [unclosed\n", "ingest:\n  unit_size: 8\n bad: 1\n"])
 def test_invalid_yaml_is_an_error(tmp_path, text):
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    with pytest.raises(ConfigError, match="not valid YAML") as error:
         load_config(write(tmp_path, text))
+    assert "\n" not in str(error.value)
 
 
 def test_top_level_that_is_not_a_mapping_is_an_error(tmp_path):
