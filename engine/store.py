@@ -16,10 +16,12 @@ import posixpath
 from collections.abc import Iterable
 
 import fsspec
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from engine.records import MANIFEST_SCHEMA
+from engine.records import CAPTION_KINDS, MANIFEST_SCHEMA
 
 MARKER_DIR = "_committed"
 
@@ -170,36 +172,55 @@ def records_dataset(store: Store, round_number: int) -> str:
 
 
 def manifest_view(table: pa.Table | None) -> pa.Table:
-    """The manifest as stages see it: one row per ``image_id``, the first in unit order.
-
-    Ingest units run in parallel and each keeps every decodable image it read, so the
-    same content can land in two parts; deduplicating on read keeps the parts immutable
-    and the result independent of which unit finished first.
-    """
+    """The manifest as stages see it: one row per ``image_id`` (see ``kept_rows``)."""
     if table is None:
         return MANIFEST_SCHEMA.empty_table()
-    seen: set[str] = set()
-    keep = []
-    for index, image_id in enumerate(table.column("image_id").to_pylist()):
-        if image_id not in seen:
-            seen.add(image_id)
-            keep.append(index)
+    keep = kept_rows(table)
     return table.take(keep) if len(keep) < table.num_rows else table
+
+
+def kept_rows(table: pa.Table) -> list[int]:
+    """Indices of the rows the manifest keeps, ascending: one per ``image_id``.
+
+    Ingest units run in parallel and each keeps every image it decoded, so the same
+    content can land in two parts (a photo in a folder and again in a COCO file).
+    Of such rows the one with the most human labels wins, then the first in unit
+    order: labels are never lost to an unlabelled copy, and the choice does not depend
+    on which unit finished first. ``table`` needs ``image_id``, ``regions``, ``captions``.
+    """
+    labels = pc.fill_null(pc.list_value_length(table.column("regions")), 0).to_numpy()
+    labels = labels.astype(np.int64)
+    captions = table.column("captions")
+    for index in range(len(CAPTION_KINDS)):
+        present = pc.is_valid(pc.struct_field(captions, [index, 0]))
+        labels += present.to_numpy(zero_copy_only=False).astype(np.int64)
+    best: dict[str, int] = {}
+    for row, image_id in enumerate(table.column("image_id").to_pylist()):
+        kept = best.get(image_id)
+        if kept is None or labels[row] > labels[kept]:
+            best[image_id] = row
+    return sorted(best.values())
 
 
 def kept_image_ids_by_unit(store: Store) -> dict[str, tuple[str, ...]]:
     """For each committed manifest unit, the image ids the manifest view keeps from it.
 
-    Reads only the id column, so a driver can plan per-unit work over a large manifest.
+    Reads no image bytes, so a driver can plan per-unit work over a large manifest.
     """
-    seen: set[str] = set()
-    kept: dict[str, tuple[str, ...]] = {}
-    for unit in store.committed_units("manifest"):
-        ids = store.read_unit("manifest", unit, columns=["image_id"]).column("image_id")
-        fresh = [image_id for image_id in ids.to_pylist() if image_id not in seen]
-        seen.update(fresh)
-        kept[unit] = tuple(fresh)
-    return kept
+    units = store.committed_units("manifest")
+    if not units:
+        return {}
+    tables = [
+        store.read_unit("manifest", unit, columns=["image_id", "regions", "captions"])
+        for unit in units
+    ]
+    owner = [unit for unit, table in zip(units, tables, strict=True) for _ in range(table.num_rows)]
+    combined = pa.concat_tables(tables)
+    ids = combined.column("image_id").to_pylist()
+    kept: dict[str, list[str]] = {unit: [] for unit in units}
+    for row in kept_rows(combined):
+        kept[owner[row]].append(ids[row])
+    return {unit: tuple(image_ids) for unit, image_ids in kept.items()}
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:

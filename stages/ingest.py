@@ -28,7 +28,7 @@ from engine.records import (
     quarantine_to_table,
     records_to_table,
 )
-from engine.store import Store
+from engine.store import Store, kept_rows
 from engine.summary import StageSummary
 from stages.image_decode import RefusedInput, decode_image
 from stages.ingest_coco import CocoInput, HumanLabels, labels_to_regions, read_coco
@@ -176,28 +176,28 @@ def ingest_unit(unit: IngestUnit) -> StageSummary:
 
 
 def quarantine_duplicates(store: Store) -> int:
-    """List manifest rows whose content came first in another unit; returns how many.
+    """List manifest rows that the manifest view leaves out; returns how many.
 
     Idempotent: only duplicates not yet in quarantine are written, as one part named by
     their hash, so a rerun writes nothing new.
     """
-    manifest = store.read(MANIFEST, columns=["image_id", "uri", "sha256"])
+    manifest = store.read(MANIFEST, columns=["image_id", "uri", "sha256", "regions", "captions"])
     if manifest is None:
         return 0
-    first_uri: dict[str, str] = {}
-    duplicates = []
-    for row in manifest.to_pylist():
-        kept = first_uri.setdefault(row["image_id"], row["uri"])
-        if kept != row["uri"]:
-            duplicates.append(
-                QuarantineEntry(
-                    uri=row["uri"],
-                    source="ingest",
-                    reason="duplicate image",
-                    detail=f"same content as {kept}",
-                    sha256=row["sha256"],
-                )
-            )
+    kept = set(kept_rows(manifest))
+    rows = manifest.select(["image_id", "uri", "sha256"]).to_pylist()
+    kept_uri = {rows[k]["image_id"]: rows[k]["uri"] for k in kept}
+    duplicates = [
+        QuarantineEntry(
+            uri=row["uri"],
+            source="ingest",
+            reason="duplicate image",
+            detail=f"same content as {kept_uri[row['image_id']]}",
+            sha256=row["sha256"],
+        )
+        for index, row in enumerate(rows)
+        if index not in kept
+    ]
     quarantine = store.read(QUARANTINE, columns=["uri", "reason"])
     listed = set()
     if quarantine is not None:

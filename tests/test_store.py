@@ -3,8 +3,8 @@ import uuid
 import pyarrow as pa
 import pytest
 
-from engine.records import ImageRecord, records_to_table
-from engine.store import Store, manifest_view
+from engine.records import Caption, ImageRecord, Region, records_to_table
+from engine.store import Store, kept_image_ids_by_unit, manifest_view
 
 
 @pytest.fixture(params=["file", "memory"])
@@ -54,6 +54,37 @@ def test_manifest_view_keeps_first_of_each_image():
     view = manifest_view(records_to_table(records, images=[b"x"] * 4))
     assert view.column("uri").to_pylist() == ["u0", "u1"]
     assert manifest_view(None).num_rows == 0
+
+
+def test_manifest_view_prefers_the_copy_with_human_labels():
+    bare = ImageRecord("a", "folder/a.jpg", "folder", 9, 9, "h")
+    captioned = ImageRecord(
+        "a", "coco/a.jpg", "coco", 9, 9, "h", captions={"brief": Caption("x", "human")}
+    )
+    boxed = ImageRecord(
+        "a",
+        "coco2/a.jpg",
+        "coco",
+        9,
+        9,
+        "h",
+        regions=[Region((0, 0, 1, 1), "x", "object", "human")] * 2,
+    )
+    view = manifest_view(records_to_table([bare, captioned, boxed], images=[b"x"] * 3))
+    assert view.column("uri").to_pylist() == ["coco2/a.jpg"]
+    view = manifest_view(records_to_table([bare, captioned], images=[b"x"] * 2))
+    assert view.column("uri").to_pylist() == ["coco/a.jpg"]
+
+
+def test_kept_ids_by_unit_follow_the_view(store):
+    bare = ImageRecord("a", "folder/a.jpg", "folder", 9, 9, "h")
+    labelled = ImageRecord(
+        "a", "coco/a.jpg", "coco", 9, 9, "h", captions={"brief": Caption("x", "human")}
+    )
+    other = ImageRecord("b", "folder/b.jpg", "folder", 9, 9, "h")
+    store.commit_unit("u1", {"manifest": records_to_table([bare, other], images=[b"x"] * 2)})
+    store.commit_unit("u2", {"manifest": records_to_table([labelled], images=[b"x"])})
+    assert kept_image_ids_by_unit(store) == {"u1": ("b",), "u2": ("a",)}
 
 
 def test_rounds_are_listed(store):
