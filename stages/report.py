@@ -1,0 +1,114 @@
+"""The report stage: statistics and a gallery of one round, as ``reports/rNNN/``.
+
+It reads the round's most finished records (``records_dataset``: filtered, else merged,
+else the manifest), computes with DuckDB the FLD-5B annotation and text tables beside the
+paper's figures, counts by source and by refusal reason, draws histograms and a gallery,
+and writes under ``reports/rNNN/``:
+
+    index.html          the page (self-contained; everything else is referenced relatively)
+    stats.json          the same tables, for other tools
+    figures/*.png       histograms
+    gallery/*.jpg       sample images with their annotations drawn on
+
+A report is derived data and is rewritten whole by each run. ``index.html`` is written
+last, so a page never references a file that is not there yet.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pyarrow as pa
+
+from engine.config import EngineConfig
+from engine.records import DROPPED_SCHEMA, QUARANTINE_SCHEMA, RECORD_SCHEMA
+from engine.store import Store, manifest_view, records_dataset, round_dataset, round_dir
+from engine.summary import StageSummary
+from stages import report_gallery, report_page, report_stats
+
+
+def _read(store: Store, dataset: str, schema: pa.Schema, columns: list[str]) -> pa.Table:
+    table = store.read(dataset, columns=columns)
+    return table if table is not None else schema.empty_table().select(columns)
+
+
+def run_report(store: Store, config: EngineConfig, round_number: int) -> StageSummary:
+    """Write ``reports/rNNN/`` for round ``round_number``; works on an empty store too.
+
+    The summary counts the records read (``inputs``) and the records reported
+    (``outputs``: one per image, after the manifest's duplicates are set aside) and
+    points at the page (``location``).
+    """
+    started = time.perf_counter()
+    base = f"reports/{round_dir(round_number)}"
+    dataset = records_dataset(store, round_number)
+    read = _read(store, dataset, RECORD_SCHEMA, RECORD_SCHEMA.names)
+    records = manifest_view(read) if dataset == "manifest" else read
+    quarantine = _read(store, "quarantine", QUARANTINE_SCHEMA, ["item", "reason"])
+    dropped = _read(store, round_dataset(round_number, "dropped"), DROPPED_SCHEMA, ["reason"])
+
+    with report_stats.connect(records) as con:
+        parsed = report_stats.parse_missing_stats(con, config.report.spacy_model)
+        tables = [
+            report_stats.annotation_table(con),
+            report_stats.text_table(con),
+            report_stats.source_table(con),
+            report_stats.reason_table(
+                con, quarantine, "quarantine", "Quarantined inputs by reason"
+            ),
+            report_stats.reason_table(con, dropped, "dropped", "Dropped records by reason"),
+        ]
+        tokens = report_stats.caption_tokens(con)
+        regions = report_stats.regions_per_image(con)
+        sizes = report_stats.relative_box_sizes(con)
+        histograms = {
+            "caption_tokens": ("Caption length", "words per caption", tokens,
+                               report_page.integer_bins(tokens)),
+            "regions_per_image": ("Regions per image", "regions", regions,
+                                  report_page.integer_bins(regions)),
+            "box_sizes": ("Box size relative to the image", "sqrt(box area / image area)", sizes,
+                          report_page.UNIT_BINS),
+        }  # fmt: skip
+        chosen = report_gallery.choose(con, config.report.gallery_size)
+
+    figures = []
+    for name, (title, xlabel, series, bins) in histograms.items():
+        if any(len(values) > 0 for values in series.values()):
+            src = f"figures/{name}.png"
+            png = report_page.histogram_png(title, xlabel, series, bins)
+            store.write_bytes(f"{base}/{src}", png)
+            figures.append((src, title))
+
+    images = report_gallery.manifest_images(store, chosen)
+    gallery = []
+    for record in report_gallery.records_for(records, chosen):
+        if record.image_id in images:
+            src = f"gallery/{record.image_id}.jpg"
+            store.write_bytes(f"{base}/{src}", report_gallery.draw(record, images[record.image_id]))
+            gallery.append(report_page.GalleryItem(record, src))
+
+    title = f"FLD data engine report, round {round_number}"
+    facts = [
+        f"store: {store.url}",
+        f"records: {dataset} ({records.num_rows} images; {read.num_rows} rows read)",
+        f"captions parsed with spaCy pipeline {config.report.spacy_model!r} for this report: "
+        f"{parsed}",
+    ]
+    stats = {
+        "round": round_number,
+        "dataset": dataset,
+        "records": records.num_rows,
+        "tables": {table.name: table.as_json() for table in tables},
+    }
+    store.write_bytes(f"{base}/stats.json", json.dumps(stats, indent=2).encode())
+    page = report_page.render(title, facts, tables, figures, gallery, empty=records.num_rows == 0)
+    store.write_bytes(f"{base}/index.html", page.encode())
+
+    return StageSummary(
+        stage="report",
+        inputs=read.num_rows,
+        outputs=records.num_rows,
+        seconds=time.perf_counter() - started,
+        location=store.fs.unstrip_protocol(store.path(f"{base}/index.html")),
+    )

