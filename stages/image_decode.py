@@ -65,7 +65,8 @@ def decode_image(
     except UnidentifiedImageError as exc:
         # A known signature with a header PIL cannot read is a damaged image, not a stray file.
         reason = "truncated or corrupt" if data.startswith(IMAGE_SIGNATURES) else "not an image"
-        raise RefusedInput(reason, str(exc)) from exc
+        # PIL's message names the in-memory buffer's address: not a stable detail.
+        raise RefusedInput(reason, "no decoder recognises the data") from exc
     except Image.DecompressionBombError as exc:
         raise RefusedInput("image too large", str(exc)) from exc
     except Exception as exc:  # PIL raises many types for malformed headers

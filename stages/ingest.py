@@ -110,8 +110,9 @@ def run_ingest(store: Store, config: EngineConfig, plan: IngestPlan) -> StageSum
     )
     summary.dropped.update(plan.notes)
     duplicates = quarantine_duplicates(store)
-    summary.quarantined["duplicate image"] += duplicates
-    summary.outputs -= duplicates
+    if duplicates:
+        summary.quarantined["duplicate image"] += duplicates
+        summary.outputs -= duplicates
     summary.location = store.path(MANIFEST)
     return summary
 

@@ -1,0 +1,128 @@
+"""Command line: ``python -m engine.run --config C --stage S [--store URL] [--input URL]... [k=v]``.
+
+Everything that can be checked before work starts is checked first (config, store,
+inputs, round), each failure as one line on stderr and exit status 2. Then the
+stages run on Ray, each printing progress and a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+
+from engine.config import ConfigError, EngineConfig, load_config
+from engine.execution import StageError, ray_session
+from engine.store import Store, StoreError
+from engine.summary import StageSummary
+from stages.export import run_export
+from stages.ingest import InputError, plan_ingest, run_ingest
+from stages.report import run_report
+
+# The stages this build runs, in pipeline order; "all" runs them as one round.
+PIPELINE = ("ingest", "export", "report")
+STAGES = (*PIPELINE, "all")
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not a usage dump
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m engine.run", description=__doc__)
+    parser.add_argument("--config", help="YAML config (engine/configs/*.yaml)")
+    parser.add_argument("--stage", required=True, choices=STAGES)
+    parser.add_argument("--store", help="store root URL (overrides the config's store)")
+    parser.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        help="ingest source: image folder, glob, COCO JSON or WebDataset .tar (repeatable)",
+    )
+    parser.add_argument("--round", help="round number or 'next' (default: the latest)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    return parser
+
+
+def resolve_round(value: str | None, store: Store) -> int:
+    existing = store.rounds()
+    latest = existing[-1] if existing else 0
+    if value is None:
+        return latest
+    if value == "next":
+        return latest + 1 if existing else 0
+    if not value.isdigit():
+        raise UsageError(f"--round must be a number or 'next', not {value!r}")
+    return int(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_intermixed_args(argv)
+        config = load_config(args.config, args.overrides)
+        store = open_store(args.store or config.store)
+        round_number = resolve_round(args.round, store)
+        stages = PIPELINE if args.stage == "all" else (args.stage,)
+        steps = plan_steps(stages, store, config, args.input, round_number)
+    except (UsageError, ConfigError, StoreError, InputError) as exc:
+        print(f"engine.run: error: {exc}", file=sys.stderr)
+        return 2
+
+    started = time.perf_counter()
+    summaries = []
+    try:
+        with ray_session(config.ray):
+            for step in steps:
+                summary = step()
+                summaries.append(summary)
+                print(summary.format(), flush=True)
+    except StageError as exc:
+        print(f"engine.run: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"done in {time.perf_counter() - started:.1f}s: {', '.join(s.stage for s in summaries)}")
+    return 0
+
+
+def open_store(url: str | None) -> Store:
+    if not url:
+        raise UsageError("no store: pass --store URL or set 'store' in the config")
+    store = Store(url)
+    if not store.is_local:
+        # memory:// lives inside one process; Ray workers would each see an empty store.
+        raise StoreError(f"store {url!r} is not shared between processes; use a path or s3://")
+    store.check_writable()
+    return store
+
+
+def plan_steps(
+    stages: tuple[str, ...],
+    store: Store,
+    config: EngineConfig,
+    inputs: list[str],
+    round_number: int,
+) -> list[Callable[[], StageSummary]]:
+    """The stages as ready-to-run steps; input problems surface here, before any work."""
+    steps: list[Callable[[], StageSummary]] = []
+    if inputs and "ingest" not in stages:
+        raise UsageError("--input is only used by --stage ingest or all")
+    for stage in stages:
+        if stage == "ingest":
+            if not inputs:
+                raise UsageError("ingest needs at least one --input")
+            plan = plan_ingest(inputs, store, config.ingest)
+            steps.append(lambda plan=plan: run_ingest(store, config, plan))
+        elif stage == "export":
+            steps.append(lambda: run_export(store, config, round_number))
+        elif stage == "report":
+            steps.append(lambda: run_report(store, config, round_number))
+    return steps
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""The command line end to end, on embedded Ray, as a user runs it."""
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+
+from engine.run import main
+from engine.store import Store, manifest_view
+from tests.inputs import encode, messy_input_folder, photo
+
+CONFIG = "engine/configs/test.yaml"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "engine.run", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+EXPORT = ["--stage", "export", "--config", CONFIG, "--store", "S"]
+INGEST = ["--stage", "ingest", "--config", CONFIG, "--store", "S"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--stage", "nope"], "invalid choice"),
+        (["--stage", "export", "--config", "missing.yaml", "--store", "S"], "cannot read config"),
+        ([*EXPORT, "ingest.colour=1"], "colour"),
+        ([*EXPORT, "ingest.unit_size=-3"], "unit_size"),
+        ([*EXPORT, "--round", "last"], "--round"),
+        (["--stage", "export", "--config", CONFIG, "--store", "memory://x"], "not shared"),
+        (["--stage", "export", "--config", CONFIG], "no store"),
+        (INGEST, "needs at least one --input"),
+        ([*INGEST, "--input", "nowhere/"], "does not exist"),
+    ],
+)
+def test_bad_invocations_fail_with_one_line_before_any_work(tmp_path, capsys, args, message):
+    args = [str(tmp_path / a) if a in ("S", "nowhere/") else a for a in args]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err
+    assert len(err.splitlines()) == 1
+    assert not (tmp_path / "S" / "manifest").exists()
+
+
+def test_unwritable_store_fails_before_any_work(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    store = str(tmp_path / "file" / "store")
+    assert main(["--stage", "export", "--config", CONFIG, "--store", store]) == 2
+    assert "not writable" in capsys.readouterr().err
+
+
+def test_all_stages_on_a_messy_folder(tmp_path, ray_cluster, capsys):
+    truth = messy_input_folder(tmp_path / "in", 4_000_000)
+    store_url = str(tmp_path / "store")
+    code = main(
+        [
+            "--config",
+            CONFIG,
+            "--stage",
+            "all",
+            "--store",
+            store_url,
+            "--input",
+            str(tmp_path / "in"),
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "[ingest]" in out and "[export]" in out and "[report]" in out
+
+    store = Store(store_url)
+    index = json.loads((tmp_path / "store/shards/r000/_index.json").read_text())
+    samples = list(wds.WebDataset(index["shards"], shardshuffle=False))
+    keys = [s["__key__"] for s in samples]
+    assert len(keys) == len(set(keys)) == truth["unique_good"]
+    assert set(keys) == set(manifest_view(store.read("manifest")).column("image_id").to_pylist())
+    assert all(s["jpg"][:3] == b"\xff\xd8\xff" for s in samples)
+    assert len(index["shards"]) > 1  # test.yaml bounds shards at 5 samples
+    assert (tmp_path / "store/reports/r000/index.html").exists()
+
+
+def tree_digest(store: Store) -> dict[str, list[str]]:
+    """Row hashes of every dataset that ingest and export write, sorted."""
+    digest = {}
+    for dataset in ("manifest", "quarantine"):
+        rows = store.read(dataset).to_pylist()
+        digest[dataset] = sorted(
+            hashlib.sha256(repr(sorted(r.items())).encode()).hexdigest() for r in rows
+        )
+    return digest
+
+
+def test_killed_run_resumes_to_the_same_rows(tmp_path):
+    """Kill ingest after some parts are committed; the rerun ends exactly like a clean run."""
+    images = tmp_path / "in"
+    images.mkdir()
+    # Noise PNGs: slow enough to decode and re-encode that the kill lands midway.
+    for k in range(120):
+        (images / f"{k:04d}.png").write_bytes(encode(photo(384, 384, seed=k), "PNG"))
+    (images / "0000-copy.png").write_bytes((images / "0000.png").read_bytes())
+    (images / "broken.jpg").write_bytes(b"\xff\xd8\xff" + b"\x00" * 10)
+    args = ["--config", CONFIG, "--stage", "ingest", "--input", str(images), "ray.task_cpus=0.5"]
+
+    killed = tmp_path / "killed"
+    # Ray's socket paths must stay under 108 bytes: pytest's tmp_path is too deep.
+    ray_dir = Path(tempfile.mkdtemp(prefix="fld-kill-", dir="/tmp"))
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "engine.run",
+            *args,
+            "--store",
+            str(killed),
+            f"ray.temp_dir={ray_dir}",
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    markers = killed / "manifest" / "_committed"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and len(list(markers.glob("*.json"))) < 3:
+        assert process.poll() is None, process.stderr.read().decode()
+        time.sleep(0.02)
+    committed_at_kill = len(list(markers.glob("*.json")))
+    kill_process_tree(process, ray_dir)
+    assert 3 <= committed_at_kill < 31, "the kill should land midway through the 31 units"
+
+    resumed = run_cli(*args, "--store", str(killed))
+    assert resumed.returncode == 0, resumed.stderr
+    skipped = int(re.search(r"skipped (\d+)", resumed.stdout).group(1))
+    assert committed_at_kill <= skipped < 31, resumed.stdout
+    clean = run_cli(*args, "--store", str(tmp_path / "clean"))
+    assert clean.returncode == 0, clean.stderr
+
+    assert tree_digest(Store(str(killed))) == tree_digest(Store(str(tmp_path / "clean")))
+    manifest = manifest_view(Store(str(killed)).read("manifest"))
+    assert manifest.num_rows == 120
+
+
+def kill_process_tree(process: subprocess.Popen, ray_dir: Path) -> None:
+    """SIGKILL the driver's session and every Ray process that runs from its temp dir."""
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    marker = str(ray_dir).encode()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if marker in (proc / "cmdline").read_bytes():
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue
