@@ -1,17 +1,19 @@
 """The embedded demo: real photos with a few human labels, through the whole engine.
 
-Writes the photos that scikit-image ships into an input folder, with a COCO file that
-labels some of them (boxes, a polygon, captions) and a few broken files a real folder
-would have, then runs ``engine.run --stage all`` on embedded Ray and says where the
-shards and the report are.
+Writes the photos that scikit-image ships into an input folder: a COCO file that
+labels some of them (boxes, polygons, captions), a WebDataset shard with more photos
+and a duplicate, and a few broken files a real folder would have. Then runs
+``engine.run --stage all`` on embedded Ray and says where the shards and report are.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import shutil
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,7 @@ from engine.run import main as run_engine
 # name -> (caption, [(category, [x0, y0, x1, y1])]) in the photo's own pixels.
 LABELLED = {
     "astronaut": (
-        "An astronaut in a white suit poses in front of a flag.",
+        "An astronaut in an orange suit poses in front of a flag.",
         [
             ("person", [18, 8, 512, 512]),
             ("flag", [0, 0, 170, 230]),
@@ -33,7 +35,18 @@ LABELLED = {
     "coffee": ("A cup of coffee on a saucer.", [("cup", [90, 20, 500, 360])]),
     "rocket": ("A rocket stands on its launch pad.", [("rocket", [225, 40, 335, 400])]),
 }
-UNLABELLED = ("camera", "page", "coins", "text", "immunohistochemistry", "motorcycle_left")
+# Photos that arrive as a WebDataset shard instead (plus a copy of one labelled photo).
+IN_SHARD = ("moon", "colorwheel")
+UNLABELLED = (
+    "camera",
+    "page",
+    "coins",
+    "text",
+    "clock",
+    "immunohistochemistry",
+    "logo",
+    "hubble_deep_field",
+)
 
 
 def write_inputs(folder: Path) -> None:
@@ -46,7 +59,8 @@ def write_inputs(folder: Path) -> None:
         if pixels.dtype != np.uint8:
             pixels = (255 * (pixels - pixels.min()) / max(np.ptp(pixels), 1)).astype(np.uint8)
         image = Image.fromarray(pixels)
-        file_name = f"{name}.png" if image.mode == "L" else f"{name}.jpg"
+        # Greyscale and RGBA photos stay PNG: ingest normalises them to RGB.
+        file_name = f"{name}.jpg" if image.mode == "RGB" else f"{name}.png"
         image.save(folder / file_name)
         images.append(
             {"id": number, "file_name": file_name, "width": image.width, "height": image.height}
@@ -75,6 +89,15 @@ def write_inputs(folder: Path) -> None:
         "categories": [{"id": i, "name": name} for name, i in ids.items()],
     }
     (folder / "labels.json").write_text(json.dumps(coco, indent=1))
+    with tarfile.open(folder / "shard-000000.tar", "w") as tar:
+        for key, name in enumerate([*IN_SHARD, "astronaut"]):
+            buffer = io.BytesIO()
+            Image.fromarray(np.asarray(getattr(data, name)())).convert("RGB").save(buffer, "JPEG")
+            if name == "astronaut":  # the very same bytes as the labelled file
+                buffer = io.BytesIO((folder / "astronaut.jpg").read_bytes())
+            info = tarfile.TarInfo(f"{key:06d}.jpg")
+            info.size = len(buffer.getvalue())
+            tar.addfile(info, io.BytesIO(buffer.getvalue()))
     # What a real folder also holds: these end in quarantine/ with their reasons.
     broken = folder / "broken"
     broken.mkdir(exist_ok=True)
@@ -98,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         [
             "--config", args.config, "--stage", "all", "--store", str(store),
             "--input", str(inputs / "labels.json"),
+            "--input", str(inputs / "shard-000000.tar"),
             "--input", str(inputs / "broken"),
-            "--input", str(inputs),
         ]
     )  # fmt: skip
     if code == 0:
