@@ -29,9 +29,11 @@ class RayConfig(_Section):
     address: str | None = None
     # CPUs the embedded Ray may use; None = all of this machine's.
     num_cpus: int | None = Field(default=None, ge=1)
-    # CPU share of one I/O task (ingest, export). Below 1 so that tasks never starve
-    # each other or the actors of a small machine.
-    task_cpus: float = Field(default=0.5, gt=0)
+    # CPU share of one ingest or export task. Their work is decoding and encoding, so one
+    # task per core is fastest: more tasks than cores only add worker start-up and
+    # switching. Lower it when actors of the same run need CPU too (stages with
+    # specialists), or for object stores, where tasks wait on the network.
+    task_cpus: float = Field(default=1.0, gt=0)
     # Where an embedded Ray keeps its session files; None = a fresh temp dir per run.
     temp_dir: str | None = None
 

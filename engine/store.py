@@ -85,7 +85,7 @@ class Store:
             path = self.part_path(dataset, unit)
             self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
             with self.fs.open(path, "wb") as f:
-                pq.write_table(table, f, compression="zstd")
+                pq.write_table(table, f, compression=_compression(table))
         for dataset, table in tables.items():
             self.write_marker(
                 dataset, unit, {"part": f"part-{unit}.parquet", "rows": table.num_rows}
@@ -221,6 +221,24 @@ def kept_image_ids_by_unit(store: Store) -> dict[str, tuple[str, ...]]:
     for row in kept_rows(combined):
         kept[owner[row]].append(ids[row])
     return {unit: tuple(image_ids) for unit, image_ids in kept.items()}
+
+
+def _compression(table: pa.Table) -> dict[str, str]:
+    """zstd for annotations; none for encoded images, which do not compress."""
+
+    def leaves(prefix: str, data_type: pa.DataType) -> list[tuple[str, pa.DataType]]:
+        # Parquet names nested leaves by path: captions.brief.text, regions.list.element.box...
+        if pa.types.is_struct(data_type):
+            return [leaf for f in data_type for leaf in leaves(f"{prefix}.{f.name}", f.type)]
+        if pa.types.is_list(data_type) or pa.types.is_fixed_size_list(data_type):
+            return leaves(f"{prefix}.list.element", data_type.value_type)
+        return [(prefix, data_type)]
+
+    return {
+        path: "none" if pa.types.is_binary(data_type) else "zstd"
+        for field in table.schema
+        for path, data_type in leaves(field.name, field.type)
+    }
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:

@@ -9,24 +9,25 @@ carries the record and its Florence-2 task targets (``refinement.targets``).
 
 from __future__ import annotations
 
+import io
 import json
 import posixpath
+import tarfile
 from dataclasses import dataclass
 from typing import Any
 
-import webdataset as wds
 from pycocotools import mask as mask_utils
 
 from engine.config import EngineConfig, ExportConfig
 from engine.execution import run_units
-from engine.records import IMAGE_COLUMN, ImageRecord, records_from_table
+from engine.records import IMAGE_COLUMN, RECORD_SCHEMA, ImageRecord, records_from_table
 from engine.store import Store, kept_image_ids_by_unit, records_dataset, round_dir
 from engine.summary import StageSummary
 from refinement.targets import florence2_targets
 
 MANIFEST = "manifest"
 # Fixed tar timestamps: exporting the same records twice gives identical bytes.
-TAR_MTIME = 0.0
+TAR_MTIME = 0
 
 
 def shards_dir(round_number: int) -> str:
@@ -82,41 +83,76 @@ def export_unit(unit: ExportUnit) -> StageSummary:
     )
     records = [
         r
-        for r in records_from_table(store.read_unit(unit.records_dataset, unit.key))
+        for r in records_from_table(
+            store.read_unit(unit.records_dataset, unit.key, columns=RECORD_SCHEMA.names)
+        )
         if r.image_id in wanted
     ]
     summary.inputs = len(records)
     shards: list[dict[str, Any]] = []
-    writer = None
-    for record in records:
-        sample = {
-            "__key__": record.image_id,
-            "jpg": image_by_id[record.image_id],
-            "json": json.dumps(sample_json(record), ensure_ascii=False).encode(),
-        }
-        size = len(sample["jpg"]) + len(sample["json"])
-        full = shards and (
-            shards[-1]["samples"] >= unit.config.shard_max_samples
-            or shards[-1]["bytes"] + size > unit.config.shard_max_bytes
-        )
-        if writer is None or full:
-            if writer is not None:
-                writer.close()
-            name = f"{unit.key}-{len(shards):05d}.tar"
-            shards.append({"name": name, "samples": 0, "bytes": 0})
-            path = store.path(unit.out_dir, name)
-            store.fs.makedirs(posixpath.dirname(path), exist_ok=True)
-            writer = wds.TarWriter(store.fs.open(path, "wb"), encoder=False, mtime=TAR_MTIME)
-            # TarWriter closes only files it opened itself; hand it ours to close.
-            writer.own_fileobj = writer.tarstream.fileobj
-        writer.write(sample)
-        shards[-1]["samples"] += 1
-        shards[-1]["bytes"] += size
-    if writer is not None:
-        writer.close()
+    with ShardWriter(store, unit.out_dir, unit.key) as writer:
+        for record in records:
+            jpg = image_by_id[record.image_id]
+            meta = json.dumps(sample_json(record), ensure_ascii=False).encode()
+            size = len(jpg) + len(meta)
+            full = shards and (
+                shards[-1]["samples"] >= unit.config.shard_max_samples
+                or shards[-1]["bytes"] + size > unit.config.shard_max_bytes
+            )
+            if not shards or full:
+                shards.append({"name": writer.next_shard(), "samples": 0, "bytes": 0})
+            writer.add(f"{record.image_id}.jpg", jpg)
+            writer.add(f"{record.image_id}.json", meta)
+            shards[-1]["samples"] += 1
+            shards[-1]["bytes"] += size
     summary.outputs = len(records)
     store.write_marker(unit.out_dir, unit.key, {"shards": shards})
     return summary
+
+
+class ShardWriter:
+    """Writes ``<prefix>-00000.tar``, ``<prefix>-00001.tar``... one at a time.
+
+    Plain ``tarfile`` in streaming mode: a WebDataset shard is an ordinary tar whose
+    members of one sample share a key, and writing it needs no more (webdataset's own
+    writer would import torch into every export worker). Fixed owner and mtime make the
+    bytes a function of the records alone.
+    """
+
+    def __init__(self, store: Store, out_dir: str, prefix: str) -> None:
+        self.store, self.out_dir, self.prefix = store, out_dir, prefix
+        self.count = 0
+        self._file = None
+        self._tar: tarfile.TarFile | None = None
+
+    def next_shard(self) -> str:
+        self.close()
+        name = f"{self.prefix}-{self.count:05d}.tar"
+        self.count += 1
+        path = self.store.path(self.out_dir, name)
+        self.store.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        self._file = self.store.fs.open(path, "wb")
+        # Closed in close(): a shard stays open across many add() calls.
+        self._tar = tarfile.open(fileobj=self._file, mode="w|", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+        return name
+
+    def add(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o444
+        info.uname = info.gname = "fld"
+        self._tar.addfile(info, io.BytesIO(data))
+
+    def close(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            self._file.close()
+            self._tar = self._file = None
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def sample_json(record: ImageRecord) -> dict[str, Any]:
@@ -189,7 +225,8 @@ def write_coco(
     categories: dict[str, int] = {}
     for unit in units:
         wanted = set(unit.image_ids)
-        for record in records_from_table(store.read_unit(dataset, unit.key)):
+        records = store.read_unit(dataset, unit.key, columns=RECORD_SCHEMA.names)
+        for record in records_from_table(records):
             if record.image_id not in wanted:
                 continue
             image_number = len(images) + 1

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
+from engine.config import load_config
 from engine.run import main
 from engine.store import Store, manifest_view
 from tests.inputs import encode, messy_input_folder, photo
@@ -67,20 +68,12 @@ def test_unwritable_store_fails_before_any_work(tmp_path, capsys):
 
 
 def test_all_stages_on_a_messy_folder(tmp_path, ray_cluster, capsys):
-    truth = messy_input_folder(tmp_path / "in", 4_000_000)
+    """The demo config on good photos, broken files, bombs, non-images and a hostile tar."""
+    demo = "engine/configs/demo.yaml"
+    truth = messy_input_folder(tmp_path / "in", load_config(demo).ingest.max_image_pixels)
     store_url = str(tmp_path / "store")
-    code = main(
-        [
-            "--config",
-            CONFIG,
-            "--stage",
-            "all",
-            "--store",
-            store_url,
-            "--input",
-            str(tmp_path / "in"),
-        ]
-    )
+    args = ["--config", demo, "--stage", "all", "--store", store_url]
+    code = main([*args, "--input", str(tmp_path / "in"), "export.shard_max_samples=5"])
     assert code == 0
     out = capsys.readouterr().out
     assert "[ingest]" in out and "[export]" in out and "[report]" in out
@@ -92,8 +85,11 @@ def test_all_stages_on_a_messy_folder(tmp_path, ray_cluster, capsys):
     assert len(keys) == len(set(keys)) == truth["unique_good"]
     assert set(keys) == set(manifest_view(store.read("manifest")).column("image_id").to_pylist())
     assert all(s["jpg"][:3] == b"\xff\xd8\xff" for s in samples)
-    assert len(index["shards"]) > 1  # test.yaml bounds shards at 5 samples
+    assert len(index["shards"]) > 1
     assert (tmp_path / "store/reports/r000/index.html").exists()
+    quarantine = {row["uri"]: row["reason"] for row in store.read("quarantine").to_pylist()}
+    for name, reason in truth["reasons"].items():
+        assert quarantine[f"file://{tmp_path}/in/{name}"] == reason
 
 
 def tree_digest(store: Store) -> dict[str, list[str]]:
