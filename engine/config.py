@@ -25,8 +25,10 @@ class _Section(BaseModel):
 
 
 class RayConfig(_Section):
-    # None: attach to RAY_ADDRESS when set (ray job submit), else start an embedded Ray.
-    address: str | None = None
+    """Ray resources. Where Ray runs is not configured here: with RAY_ADDRESS set (as
+    ``ray job submit`` does) the engine attaches to that cluster, else it starts an
+    embedded one (see engine/__init__.py)."""
+
     # CPUs the embedded Ray may use; None = all of this machine's.
     num_cpus: int | None = Field(default=None, ge=1)
     # CPU share of one ingest or export task. Their work is decoding and encoding, so one

@@ -33,27 +33,24 @@ class StageError(RuntimeError):
 def ray_session(config: RayConfig) -> Iterator[None]:
     """Attach to a cluster when an address is known, else run an embedded local Ray.
 
-    The embedded Ray listens on loopback only and keeps its session files in a temp dir
-    of this run, removed afterwards. An already initialised Ray (a test session, a
-    notebook) is used as it is and left running.
+    The embedded Ray listens on loopback only (engine/__init__.py) and keeps its session
+    files in a temp dir of this run, removed afterwards. An already initialised Ray (a
+    test session, a notebook) is used as it is and left running.
     """
     if ray.is_initialized():
         yield
         return
-    address = config.address or os.environ.get("RAY_ADDRESS")
+    address = os.environ.get("RAY_ADDRESS")
     temp_dir = None
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        # Without this Ray binds every interface; an embedded engine has no business there.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         temp_dir = config.temp_dir or tempfile.mkdtemp(prefix="fld-ray-")
         # address="local" never attaches to a stale cluster someone else started.
         ray.init(
             address="local",
             num_cpus=config.num_cpus,
             include_dashboard=False,
-            _node_ip_address="127.0.0.1",
             _temp_dir=temp_dir,
             logging_level="WARNING",
         )
@@ -103,7 +100,9 @@ def run_units(
                 summary.add(ray.get(ready[0]))
                 summary.units_run += 1
             except Exception as exc:
-                failures.append(f"{getattr(unit, 'key', unit)}: {exc}")
+                # A RayTaskError wraps the unit's own exception with a remote traceback.
+                cause = getattr(exc, "cause", None) or exc
+                failures.append(f"{getattr(unit, 'key', unit)}: {type(cause).__name__}: {cause}")
             bar.update(1)
             bar.set_postfix(items=summary.inputs)
     summary.seconds = time.perf_counter() - started

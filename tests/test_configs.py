@@ -43,7 +43,7 @@ def test_override_is_applied_as_a_yaml_scalar():
     [
         ("ray.task_cpus=0.25", "ray", "task_cpus", 0.25),
         ("export.coco=false", "export", "coco", False),
-        ("ray.address=null", "ray", "address", None),
+        ("ray.temp_dir=null", "ray", "temp_dir", None),
         ("report.spacy_model=en_core_web_md", "report", "spacy_model", "en_core_web_md"),
     ],
 )
