@@ -8,10 +8,10 @@ overrides from the command line address any field by its dotted path
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -53,6 +53,48 @@ class IngestConfig(_Section):
     )  # fmt: skip
 
 
+class SpecialistConfig(_Section):
+    """One specialist of the annotate stage: which model, where it runs, how it batches."""
+
+    # Unique name: its output goes to rounds/rNNN/annotate/<name>/.
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    # A registered kind (specialists/__init__.py) or "package.module:Class".
+    kind: str
+    # Hub id or local path of the checkpoint; None for specialists that ship their model.
+    model: str | None = None
+    revision: str | None = None
+    # auto: cuda when the actor was given GPUs and one is visible, else cpu.
+    device: str = "auto"
+    # bfloat16 halves memory and doubles matmul speed on GPUs that have it; CPUs want float32.
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    batch_size: int = Field(default=8, ge=1)
+    # Resources of one actor. Fractions pack several small models on one GPU; a fractional
+    # CPU keeps actors from starving the decode and write tasks on small machines.
+    num_cpus: float = Field(default=0.5, gt=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+    pool_size: int = Field(default=1, ge=1)
+    trust_remote_code: bool = False
+    # Keyword arguments of the specialist class's constructor, checked against its signature.
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class AnnotateConfig(_Section):
+    specialists: tuple[SpecialistConfig, ...] = ()
+    # Decoded units queued per actor: enough to keep a GPU busy, few enough to bound memory.
+    prefetch_units: int = Field(default=2, ge=1)
+
+    @field_validator("specialists")
+    @classmethod
+    def _unique_names(
+        cls, specialists: tuple[SpecialistConfig, ...]
+    ) -> tuple[SpecialistConfig, ...]:
+        names = [s.name for s in specialists]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"specialist names must be unique: {duplicates}")
+        return specialists
+
+
 class ExportConfig(_Section):
     shard_max_samples: int = Field(default=1000, ge=1)
     shard_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
@@ -69,6 +111,7 @@ class EngineConfig(_Section):
     store: str | None = None
     ray: RayConfig = RayConfig()
     ingest: IngestConfig = IngestConfig()
+    annotate: AnnotateConfig = AnnotateConfig()
     export: ExportConfig = ExportConfig()
     report: ReportConfig = ReportConfig()
 

@@ -183,6 +183,9 @@ RECORD_SCHEMA = pa.schema(
 # The manifest also holds the image itself: RGB JPEG bytes, EXIF orientation applied.
 IMAGE_COLUMN = "image"
 MANIFEST_SCHEMA = RECORD_SCHEMA.append(pa.field(IMAGE_COLUMN, pa.binary(), nullable=False))
+# A specialist's output for one image; ``error`` says why an image has no annotations
+# when the model failed on it (the rest of its batch goes on).
+ANNOTATION_SCHEMA = RECORD_SCHEMA.append(pa.field("error", pa.string()))
 # Records a filter dropped keep their content and say why.
 DROPPED_SCHEMA = RECORD_SCHEMA.append(pa.field("reason", pa.string(), nullable=False))
 QUARANTINE_SCHEMA = pa.schema(

@@ -1,0 +1,55 @@
+"""Specialists: model wrappers that run inside Ray actors (see specialists/base.py).
+
+A config names a specialist by a registered ``kind`` below, or by
+``package.module:Class`` for one that lives outside this package. Modules are imported
+only when a specialist of their kind is used, so the driver never imports a model
+library it does not need.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from engine.config import SpecialistConfig
+    from specialists.base import Specialist
+
+KINDS = {
+    "rapidocr": "specialists.rapidocr:RapidOCRSpecialist",
+}
+
+
+def specialist_class(kind: str) -> type[Specialist]:
+    """The class for a registered kind or a ``module:Class`` path; ValueError if unknown."""
+    from specialists.base import Specialist
+
+    target = KINDS.get(kind, kind)
+    module_name, sep, class_name = target.partition(":")
+    if not sep:
+        raise ValueError(f"unknown specialist kind {kind!r}; known: {sorted(KINDS)}")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"specialist kind {kind!r} cannot be loaded: {exc}") from exc
+    if not (isinstance(cls, type) and issubclass(cls, Specialist)):
+        raise ValueError(f"specialist kind {kind!r} is not a Specialist subclass")
+    return cls
+
+
+def check_specialist(config: SpecialistConfig) -> type[Specialist]:
+    """Validate a specialist entry without building it: kind, needs, options vs signature."""
+    cls = specialist_class(config.kind)
+    try:
+        inspect.signature(cls).bind(config, **config.options)
+    except TypeError as exc:
+        raise ValueError(
+            f"specialist {config.name!r}: options do not fit {cls.__name__}: {exc}"
+        ) from exc
+    return cls
+
+
+def build_specialist(config: SpecialistConfig) -> Specialist:
+    """A specialist from its config entry: ``options`` are its constructor's keywords."""
+    return check_specialist(config)(config, **config.options)

@@ -1,0 +1,90 @@
+"""The specialist contract: a model wrapper that runs inside a Ray actor.
+
+A specialist's constructor stores only picklable settings, so the driver can build
+and check it without a model; ``setup()`` loads the model inside the actor, on the
+device it was given. ``annotate()`` takes a batch of images with what the engine
+already knows about them and returns, per image, only the annotations this
+specialist made, with scores. The annotate stage stamps lineage (``source`` =
+specialist name + model revision, ``round``) on everything returned.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from engine.config import SpecialistConfig
+from engine.records import Caption, ImageRecord, Phrase, Region
+
+# What a specialist can produce, and so what another one can need.
+PRODUCTS = frozenset({"captions", "objects", "polygons", "ocr", "grounding"})
+
+
+@dataclass(slots=True)
+class SpecialistInput:
+    """One image for a specialist: the decoded RGB image and the record so far.
+
+    ``record`` carries the annotations of the specialists this one ``needs`` (captions
+    for a grounder, boxes for a box-prompted segmenter), merged from their outputs.
+    """
+
+    record: ImageRecord
+    image: Image.Image
+
+
+@dataclass(slots=True)
+class Annotations:
+    """What one specialist made of one image. Phrase region indices point into ``regions``."""
+
+    captions: dict[str, Caption] = field(default_factory=dict)
+    regions: list[Region] = field(default_factory=list)
+    phrases: list[Phrase] = field(default_factory=list)
+
+
+class Specialist(ABC):
+    """Base class of every specialist.
+
+    Subclasses set ``produces`` and ``needs`` (subsets of ``PRODUCTS``) as class
+    attributes, or in ``__init__`` when they depend on options (a Florence-2 specialist
+    configured for grounding needs captions; for captioning it needs nothing). The
+    annotate stage builds specialists on the driver to read them, so constructors
+    must stay cheap.
+    """
+
+    produces: frozenset[str] = frozenset()
+    needs: frozenset[str] = frozenset()
+
+    def __init__(self, config: SpecialistConfig) -> None:
+        self.config = config
+
+    @property
+    def device(self) -> str:
+        """The torch device to load on: the config's, or for ``auto`` cuda when visible."""
+        if self.config.device != "auto":
+            return self.config.device
+        import torch
+
+        return "cuda" if self.config.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+
+    @property
+    def model_revision(self) -> str:
+        """What identifies the weights in lineage; subclasses refine it after setup()."""
+        return f"{self.config.model or type(self).__name__}@{self.config.revision or 'local'}"
+
+    @property
+    def source(self) -> str:
+        return f"{self.config.name}:{self.model_revision}"
+
+    @abstractmethod
+    def setup(self) -> None:
+        """Load the model. Runs once per actor, inside it."""
+
+    @abstractmethod
+    def annotate(self, batch: list[SpecialistInput]) -> list[Annotations]:
+        """Annotate a batch; one ``Annotations`` per input, in order.
+
+        Raise on failure: the stage retries the batch image by image to find the one
+        that fails, and halves the batch on a CUDA out-of-memory error.
+        """
