@@ -1,0 +1,122 @@
+"""The annotate stage: actor pools, dependency order, failures, resume; RapidOCR for real."""
+
+import pytest
+from PIL import Image
+from skimage import data
+
+from engine.config import AnnotateConfig, SpecialistConfig, load_config
+from engine.records import records_from_table
+from engine.store import Store
+from specialists import build_specialist
+from stages.annotate import annotate_dataset, run_annotate, specialist_levels
+from stages.ingest import plan_ingest, run_ingest
+from tests.inputs import encode, photo, write_coco
+
+BASE = load_config("engine/configs/test.yaml")
+CAPTIONER = "tests.specialists_for_tests:SizeCaptioner"
+GROUNDER = "tests.specialists_for_tests:FirstWordGrounder"
+
+
+def with_specialists(*specs: SpecialistConfig):
+    return BASE.model_copy(update={"annotate": AnnotateConfig(specialists=specs)})
+
+
+def spec(name: str, kind: str, **fields) -> SpecialistConfig:
+    return SpecialistConfig(**{"name": name, "kind": kind, "num_cpus": 0.25, **fields})
+
+
+@pytest.fixture
+def store(tmp_path, ray_cluster):
+    """Six images (two units of test.yaml's four), one with a human caption."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    sizes = {f"{k}.jpg": (40 + k, 30) for k in range(6)}
+    for k, (name, (w, h)) in enumerate(sizes.items()):
+        (folder / name).write_bytes(encode(photo(w, h, seed=k)))
+    write_coco(
+        folder / "labels.json", sizes, [{"image_id": 1, "caption": "Noise with no meaning."}]
+    )
+    store = Store(str(tmp_path / "store"))
+    run_ingest(store, BASE, plan_ingest([str(folder / "labels.json")], store, BASE.ingest))
+    return store
+
+
+def read(store: Store, name: str) -> dict:
+    table = store.read(annotate_dataset(0, name))
+    ids, errors = table.column("image_id").to_pylist(), table.column("error").to_pylist()
+    errors = dict(zip(ids, errors, strict=True))
+    return {r.image_id: (r, errors[r.image_id]) for r in records_from_table(table)}
+
+
+def test_levels_follow_needs():
+    specialists = {
+        name: build_specialist(spec(name, kind))
+        for name, kind in [("ground", GROUNDER), ("cap", CAPTIONER), ("ocr", "rapidocr")]
+    }
+    assert specialist_levels(specialists) == [["cap", "ocr"], ["ground"]]
+    # With no captioner configured, the grounder works from the images' own captions.
+    assert specialist_levels({"ground": specialists["ground"]}) == [["ground"]]
+
+
+def test_unknown_kind_and_bad_options_are_refused():
+    with pytest.raises(ValueError, match="unknown specialist kind"):
+        build_specialist(spec("x", "no-such-model"))
+    with pytest.raises(ValueError, match="options do not fit"):
+        build_specialist(spec("x", CAPTIONER, options={"colour": "red"}))
+
+
+def test_failing_image_is_recorded_and_the_rest_go_on(store):
+    config = with_specialists(spec("cap", CAPTIONER, batch_size=4, options={"fail_on_width": 42}))
+    summary = run_annotate(store, config, 0)
+    out = read(store, "cap")
+    assert len(out) == 6
+    failed = [(r, e) for r, e in out.values() if e is not None]
+    assert len(failed) == 1
+    record, error = failed[0]
+    assert record.width == 42 and "cannot read an image 42 wide" in error and not record.captions
+    for record, error in out.values():
+        if error is None:
+            caption = record.captions["detailed"]
+            assert caption.text == f"an image of {record.width} by {record.height} pixels"
+            assert caption.source.startswith("cap:") and caption.round == 0
+    assert summary.dropped["model failed: ValueError"] == 1
+
+
+def test_out_of_memory_halves_the_batch(store):
+    config = with_specialists(spec("cap", CAPTIONER, batch_size=4, options={"max_batch": 1}))
+    summary = run_annotate(store, config, 0)
+    assert all(error is None for _, error in read(store, "cap").values())
+    assert summary.dropped["batch halved after out of memory (to 2)"] == 2
+    assert summary.dropped["batch halved after out of memory (to 1)"] == 2
+
+
+def test_needs_get_upstream_and_human_captions_and_rerun_skips(store):
+    config = with_specialists(spec("cap", CAPTIONER), spec("ground", GROUNDER))
+    run_annotate(store, config, 0)
+    grounded = read(store, "ground")
+    human = [r for r, _ in grounded.values() if r.width == 40]
+    assert [p.text for p in human[0].phrases] == ["Noise", "an"]
+    for record, _ in grounded.values():
+        for phrase in record.phrases:
+            caption_words = {"brief": "Noise", "detailed": "an"}
+            assert phrase.text == caption_words[phrase.caption]
+            assert all(0 <= i < len(record.regions) for i in phrase.regions)
+    again = run_annotate(store, config, 0)
+    assert again.units_run == 0 and again.units_skipped == 4
+
+
+def test_rapidocr_reads_the_page_title(tmp_path, ray_cluster):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "page.png").write_bytes(encode(Image.fromarray(data.page()), "PNG"))
+    store = Store(str(tmp_path / "store"))
+    run_ingest(store, BASE, plan_ingest([str(folder)], store, BASE.ingest))
+    run_annotate(store, with_specialists(spec("ocr", "rapidocr", num_cpus=1)), 0)
+    ((record, error),) = read(store, "ocr").values()
+    assert error is None
+    title = record.regions[0]
+    assert title.text == "Region-based segmentation"
+    assert title.kind == "ocr" and title.source.startswith("ocr:rapidocr@") and title.score > 0.9
+    x0, y0, x1, y1 = title.box
+    assert 0 <= x0 < x1 <= record.width and 0 <= y0 < y1 <= record.height
+    assert len(title.quad) == 8
