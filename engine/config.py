@@ -95,6 +95,11 @@ class AnnotateConfig(_Section):
         return specialists
 
 
+class MergeConfig(_Section):
+    # Regions of one kind overlapping this much are one object (stages/merge.py).
+    iou: float = Field(default=0.7, gt=0, le=1)
+
+
 class ExportConfig(_Section):
     shard_max_samples: int = Field(default=1000, ge=1)
     shard_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
@@ -112,6 +117,7 @@ class EngineConfig(_Section):
     ray: RayConfig = RayConfig()
     ingest: IngestConfig = IngestConfig()
     annotate: AnnotateConfig = AnnotateConfig()
+    merge: MergeConfig = MergeConfig()
     export: ExportConfig = ExportConfig()
     report: ReportConfig = ReportConfig()
 

@@ -16,12 +16,15 @@ from engine.config import ConfigError, EngineConfig, load_config
 from engine.execution import StageError, ray_session
 from engine.store import Store, StoreError
 from engine.summary import StageSummary
+from specialists import build_specialist
+from stages.annotate import run_annotate, specialist_levels
 from stages.export import run_export
 from stages.ingest import InputError, plan_ingest, run_ingest
+from stages.merge import run_merge
 from stages.report import run_report
 
 # The stages this build runs, in pipeline order; "all" runs them as one round.
-PIPELINE = ("ingest", "export", "report")
+PIPELINE = ("ingest", "annotate", "merge", "export", "report")
 STAGES = (*PIPELINE, "all")
 
 
@@ -100,6 +103,15 @@ def open_store(url: str | None) -> Store:
     return store
 
 
+def check_specialists(config: EngineConfig) -> None:
+    """Kinds, options and dependency order of the specialists, checked without a model."""
+    try:
+        specialists = {s.name: build_specialist(s) for s in config.annotate.specialists}
+        specialist_levels(specialists)
+    except ValueError as exc:
+        raise ConfigError(f"annotate.specialists: {exc}") from exc
+
+
 def plan_steps(
     stages: tuple[str, ...],
     store: Store,
@@ -117,6 +129,17 @@ def plan_steps(
                 raise UsageError("ingest needs at least one --input")
             plan = plan_ingest(inputs, store, config.ingest)
             steps.append(lambda plan=plan: run_ingest(store, config, plan))
+        elif stage == "annotate":
+            if not config.annotate.specialists:
+                if stages == ("annotate",):
+                    raise UsageError("annotate needs annotate.specialists in the config")
+                continue  # a round of human labels alone goes straight to export
+            check_specialists(config)
+            steps.append(lambda: run_annotate(store, config, round_number))
+        elif stage == "merge":
+            if not config.annotate.specialists and stages != ("merge",):
+                continue  # nothing to merge into the human labels
+            steps.append(lambda: run_merge(store, config, round_number))
         elif stage == "export":
             steps.append(lambda: run_export(store, config, round_number))
         elif stage == "report":

@@ -7,6 +7,7 @@ around it, the read text and the recognition score.
 
 from __future__ import annotations
 
+import logging
 from importlib.metadata import version
 
 import numpy as np
@@ -33,6 +34,8 @@ class RapidOCRSpecialist(Specialist):
     def setup(self) -> None:
         from rapidocr import RapidOCR
 
+        # RapidOCR logs every model file and every image without text at INFO/WARNING.
+        logging.getLogger("RapidOCR").setLevel(logging.ERROR)
         # Keep every recognised line: thresholds belong to the filter stage.
         self._engine = RapidOCR(
             params={"Global.text_score": 0.0, "Det.box_thresh": self.min_detection_score}

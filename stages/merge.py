@@ -1,0 +1,178 @@
+"""Merge: one record per image from its human labels and every specialist's output.
+
+The rule, per image (``merge.iou`` is the match threshold):
+- Labels the image came with (``human:*``) come first and are never replaced.
+- Captions: for each kind, the human caption; else the specialist caption with the
+  highest score (a caption without a score ranks last; ties go to the specialist listed
+  first in the config).
+- Regions, per kind (object, ocr, proposal): specialist regions in descending score
+  order join the kept ones unless one of the same kind overlaps with IoU >= ``merge.iou``.
+  Such a duplicate is set aside, counted by reason; if it carries polygons and the kept
+  region has none (a box-prompted segmenter on a human box), the kept region takes them.
+- Phrases keep their text and span; their region indices are remapped to the kept
+  region each of their regions became.
+Every kept annotation keeps its own lineage (``source``, ``round``). Nothing is lost: the
+specialists' full outputs stay in ``rounds/rNNN/annotate/``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torchvision.ops import box_iou
+
+from engine.config import EngineConfig, MergeConfig
+from engine.execution import StageError, run_units
+from engine.records import RECORD_SCHEMA, ImageRecord, Region, records_from_table, records_to_table
+from engine.store import Store, kept_image_ids_by_unit, round_dataset
+from engine.summary import StageSummary
+from stages.annotate import annotate_dataset
+
+MANIFEST = "manifest"
+HUMAN_PREFIX = "human:"
+
+
+def merged_dataset(round_number: int) -> str:
+    return round_dataset(round_number, "merged")
+
+
+@dataclass(frozen=True, slots=True)
+class MergeUnit:
+    key: str
+    store_url: str
+    image_ids: tuple[str, ...]
+    # Specialist outputs to merge, in config order (that order breaks caption ties).
+    sources: tuple[str, ...]
+    out: str
+    config: MergeConfig
+
+
+def run_merge(store: Store, config: EngineConfig, round_number: int) -> StageSummary:
+    sources = tuple(annotate_dataset(round_number, s.name) for s in config.annotate.specialists)
+    units = kept_image_ids_by_unit(store)
+    missing = [
+        f"{dataset} has not committed unit {unit}"
+        for dataset in sources
+        for unit in units
+        if not store.is_committed(dataset, unit)
+    ]
+    if missing:
+        # Merging a unit before every specialist has annotated it would commit a record
+        # that later specialist output could never join.
+        raise StageError(f"merge: run annotate first ({len(missing)} missing): {missing[0]}")
+    out = merged_dataset(round_number)
+    work = [
+        MergeUnit(key, store.url, ids, sources, out, config.merge) for key, ids in units.items()
+    ]
+    summary = run_units(
+        "merge",
+        merge_unit,
+        work,
+        done=lambda unit: store.is_committed(out, unit.key),
+        num_cpus=config.ray.task_cpus,
+    )
+    summary.location = store.path(out)
+    return summary
+
+
+def merge_unit(unit: MergeUnit) -> StageSummary:
+    store = Store(unit.store_url)
+    summary = StageSummary("merge")
+    wanted = set(unit.image_ids)
+    manifest = store.read_unit(MANIFEST, unit.key, columns=RECORD_SCHEMA.names)
+    records = {r.image_id: r for r in records_from_table(manifest) if r.image_id in wanted}
+    outputs: dict[str, list[ImageRecord]] = {image_id: [] for image_id in records}
+    for dataset in unit.sources:
+        table = store.read_unit(dataset, unit.key)
+        errors = table.column("error").to_pylist()
+        for record, error in zip(records_from_table(table), errors, strict=True):
+            if record.image_id not in outputs:
+                continue
+            if error is not None:
+                summary.dropped["specialist failed on the image"] += 1
+                continue
+            outputs[record.image_id].append(record)
+    merged = []
+    for image_id, record in records.items():
+        summary.inputs += 1
+        merged.append(merge_record(record, outputs[image_id], unit.config.iou, summary.dropped))
+    summary.outputs = len(merged)
+    store.commit_unit(unit.key, {unit.out: records_to_table(merged)})
+    return summary
+
+
+def merge_record(
+    base: ImageRecord, outputs: list[ImageRecord], iou: float, dropped: Counter[str]
+) -> ImageRecord:
+    """``base`` (the manifest record, with human labels) merged with specialist outputs."""
+    captions = dict(base.captions)
+    for kind in {k for out in outputs for k in out.captions}:
+        if kind in captions:
+            dropped[f"{kind} caption: human caption kept"] += sum(
+                kind in o.captions for o in outputs
+            )
+            continue
+        candidates = [
+            (o.captions[kind], rank) for rank, o in enumerate(outputs) if kind in o.captions
+        ]
+        best = max(
+            candidates, key=lambda c: (c[0].score if c[0].score is not None else -1.0, -c[1])
+        )
+        captions[kind] = best[0]
+        dropped[f"{kind} caption: higher-scored caption kept"] += len(candidates) - 1
+
+    regions = list(base.regions)
+    # (output index, region index) -> index in ``regions``, for remapping phrases.
+    placed: dict[tuple[int, int], int] = {}
+    candidates = [
+        (out_index, region_index, region)
+        for out_index, out in enumerate(outputs)
+        for region_index, region in enumerate(out.regions)
+    ]
+    candidates.sort(key=lambda c: -(c[2].score if c[2].score is not None else -1.0))
+    for out_index, region_index, region in candidates:
+        match = _best_match(region, regions, iou)
+        if match is None:
+            placed[(out_index, region_index)] = len(regions)
+            regions.append(region)
+            continue
+        placed[(out_index, region_index)] = match
+        kept = regions[match]
+        if region.polygons and not kept.polygons:
+            kept.polygons = region.polygons
+            dropped["region: polygons attached to a matching region"] += 1
+        elif kept.source.startswith(HUMAN_PREFIX):
+            dropped["region: duplicate of a human label"] += 1
+        else:
+            dropped["region: duplicate of a higher-scored region"] += 1
+
+    phrases = list(base.phrases)
+    for out_index, out in enumerate(outputs):
+        for phrase in out.phrases:
+            phrase.regions = [placed[(out_index, index)] for index in phrase.regions]
+            phrases.append(phrase)
+    return ImageRecord(
+        image_id=base.image_id,
+        uri=base.uri,
+        source=base.source,
+        width=base.width,
+        height=base.height,
+        sha256=base.sha256,
+        captions=captions,
+        regions=regions,
+        phrases=phrases,
+    )
+
+
+def _best_match(region: Region, kept: list[Region], iou: float) -> int | None:
+    same_kind = [i for i, other in enumerate(kept) if other.kind == region.kind]
+    if not same_kind:
+        return None
+    overlaps = box_iou(
+        torch.tensor([region.box], dtype=torch.float64),
+        torch.tensor([kept[i].box for i in same_kind], dtype=torch.float64),
+    )[0]
+    best = int(overlaps.argmax())
+    return same_kind[best] if float(overlaps[best]) >= iou else None

@@ -1,0 +1,102 @@
+"""Merge: human labels first, best caption per kind, duplicate regions set aside with reasons."""
+
+from collections import Counter
+
+from engine.config import AnnotateConfig, SpecialistConfig, load_config
+from engine.records import Caption, ImageRecord, Phrase, Region, records_from_table
+from engine.store import Store
+from stages.annotate import run_annotate
+from stages.ingest import plan_ingest, run_ingest
+from stages.merge import merge_record, merged_dataset, run_merge
+from tests.inputs import encode, photo, write_coco
+
+TRIANGLE = [10, 10, 60, 10, 35, 60]
+
+
+def image(**parts) -> ImageRecord:
+    return ImageRecord("img", "u", "coco", 200, 100, "h", **parts)
+
+
+def test_two_specialists_and_human_labels_give_the_expected_record():
+    human_cat = Region((10, 10, 60, 60), "cat", "object", "human:coco")
+    human = image(captions={"brief": Caption("A cat.", "human:coco")}, regions=[human_cat])
+    detector = image(
+        captions={"brief": Caption("An animal.", "det", score=0.9)},
+        regions=[
+            Region((11, 11, 61, 59), "kitten", "object", "det", score=0.8),  # the human cat
+            Region((100, 20, 150, 80), "dog", "object", "det", score=0.7),
+            Region((102, 22, 150, 80), "dog", "object", "det", score=0.4),  # its duplicate
+            Region((100, 20, 150, 80), "EXIT", "ocr", "det", score=0.3),  # other kind: kept
+        ],
+    )
+    segmenter = image(
+        captions={"detailed": Caption("A cat beside a dog.", "seg", score=0.2)},
+        regions=[
+            Region((10, 10, 60, 60), "cat", "object", "seg", 0.5, polygons=[TRIANGLE]),
+            Region((101, 20, 150, 80), "dog", "object", "seg", score=0.6),
+        ],
+        phrases=[
+            Phrase("detailed", 2, 5, "cat", [0], "seg"),
+            Phrase("detailed", 15, 18, "dog", [1], "seg"),
+        ],
+    )  # fmt: skip
+    dropped = Counter()
+    merged = merge_record(human, [detector, segmenter], iou=0.7, dropped=dropped)
+
+    assert merged.captions["brief"].text == "A cat."  # human kept over a higher score
+    assert merged.captions["detailed"].text == "A cat beside a dog."
+    assert [(r.text, r.source) for r in merged.regions] == [
+        ("cat", "human:coco"),
+        ("dog", "det"),
+        ("EXIT", "det"),
+    ]
+    assert merged.regions[0].box == (10, 10, 60, 60)  # the human box itself
+    assert merged.regions[0].polygons == [TRIANGLE]
+    assert [(p.text, p.regions) for p in merged.phrases] == [("cat", [0]), ("dog", [1])]
+    assert dropped == Counter(
+        {
+            "brief caption: human caption kept": 1,
+            "region: duplicate of a human label": 1,
+            "region: duplicate of a higher-scored region": 2,
+            "region: polygons attached to a matching region": 1,
+        }
+    )
+    # Every specialist region is either kept or counted.
+    assert (
+        len(merged.regions) - 1 + sum(v for k, v in dropped.items() if k.startswith("region")) == 6
+    )
+
+
+def test_merge_stage_after_annotate(tmp_path, ray_cluster):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    sizes = {f"{k}.jpg": (50 + k, 40) for k in range(5)}
+    for k, name in enumerate(sizes):
+        (folder / name).write_bytes(encode(photo(*sizes[name], seed=k)))
+    write_coco(
+        folder / "labels.json", sizes, [{"image_id": 2, "category_id": 1, "bbox": [1, 1, 20, 20]}]
+    )
+    base = load_config("engine/configs/test.yaml")
+    specs = (
+        SpecialistConfig(
+            name="cap", kind="tests.specialists_for_tests:SizeCaptioner", num_cpus=0.25
+        ),
+        SpecialistConfig(
+            name="ground", kind="tests.specialists_for_tests:FirstWordGrounder", num_cpus=0.25
+        ),
+    )
+    config = base.model_copy(update={"annotate": AnnotateConfig(specialists=specs)})
+    store = Store(str(tmp_path / "store"))
+    run_ingest(store, config, plan_ingest([str(folder / "labels.json")], store, config.ingest))
+    run_annotate(store, config, 0)
+    summary = run_merge(store, config, 0)
+
+    merged = {r.width: r for r in records_from_table(store.read(merged_dataset(0)))}
+    assert summary.outputs == len(merged) == 5
+    for width, record in merged.items():
+        assert record.captions["detailed"].text == f"an image of {width} by 40 pixels"
+        assert [p.text for p in record.phrases] == ["an"]
+        # The grounder's whole-image box is kept and the phrase points at it.
+        assert record.regions[record.phrases[0].regions[0]].box == (0, 0, width, 40)
+    sources = [r.source for r in merged[51].regions]
+    assert sources[0] == "human:coco" and sources[1].startswith("ground:")
