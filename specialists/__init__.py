@@ -17,7 +17,9 @@ if TYPE_CHECKING:
     from specialists.base import Specialist
 
 KINDS = {
+    "captioner": "specialists.captioner:CaptionerSpecialist",
     "rapidocr": "specialists.rapidocr:RapidOCRSpecialist",
+    "sam": "specialists.sam:SAMSpecialist",
 }
 
 
