@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 
 KINDS = {
     "captioner": "specialists.captioner:CaptionerSpecialist",
+    "grounding_dino": "specialists.grounding_dino:GroundingDINOSpecialist",
+    "owlv2": "specialists.owlv2:OWLv2Specialist",
     "rapidocr": "specialists.rapidocr:RapidOCRSpecialist",
     "sam": "specialists.sam:SAMSpecialist",
 }
