@@ -10,6 +10,7 @@ specialist name + model revision, ``round``) on everything returned.
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -68,10 +69,31 @@ class Specialist(ABC):
 
         return "cuda" if self.config.num_gpus > 0 and torch.cuda.is_available() else "cpu"
 
+    # The commit the weights were loaded from, once ``pinned_revision()`` has resolved it.
+    _commit: str | None = None
+
     @property
     def model_revision(self) -> str:
-        """What identifies the weights in lineage; subclasses refine it after setup()."""
+        """What identifies the weights in lineage: the model and its commit when known."""
+        if self._commit:
+            return f"{self.config.model}@{self._commit}"
         return f"{self.config.model or type(self).__name__}@{self.config.revision or 'local'}"
+
+    def pinned_revision(self) -> str | None:
+        """The revision to pass to every ``from_pretrained`` of this model.
+
+        A hub branch or tag is resolved once to its commit, so the weights and the
+        processor come from the same repository state and lineage names that commit; a
+        local folder has none.
+        """
+        from transformers.utils.hub import resolve_revision
+
+        revision = self.config.revision
+        resolved = resolve_revision(self.config.model, revision)
+        self._commit = getattr(resolved, "resolved", None)
+        if self._commit is None and revision and re.fullmatch(r"[0-9a-f]{40}", revision):
+            self._commit = revision
+        return resolved
 
     @property
     def source(self) -> str:

@@ -20,7 +20,6 @@ different lengths comparable.
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING
 
 from engine.config import SpecialistConfig
@@ -78,13 +77,6 @@ class CaptionerSpecialist(Specialist):
         self._model = None
         self._processor = None
         self._stop_ids: set[int] = set()
-        self._commit: str | None = None
-
-    @property
-    def model_revision(self) -> str:
-        if self._commit is None:
-            return super().model_revision
-        return f"{self.config.model}@{self._commit}"
 
     def setup(self) -> None:
         import torch
@@ -92,7 +84,7 @@ class CaptionerSpecialist(Specialist):
 
         if self.config.model is None:
             raise ValueError(f"specialist {self.config.name!r}: a captioner needs a model")
-        revision, self._commit = _pinned_revision(self.config.model, self.config.revision)
+        revision = self.pinned_revision()
         load = {"revision": revision, "trust_remote_code": self.config.trust_remote_code}
         self._processor = AutoProcessor.from_pretrained(self.config.model, **load)
         model = AutoModelForImageTextToText.from_pretrained(
@@ -170,18 +162,3 @@ class CaptionerSpecialist(Specialist):
             score = float(row[: end + 1].mean().exp())
             captions.append((text.strip(), score))
         return captions
-
-
-def _pinned_revision(model: str, revision: str | None) -> tuple[str | None, str | None]:
-    """The revision to load every file from, and the commit hash it names, if known.
-
-    A hub revision (branch, tag) is resolved once, so the weights and the processor come
-    from the same commit and lineage can name it; a local folder has no commit.
-    """
-    from transformers.utils.hub import resolve_revision
-
-    resolved = resolve_revision(model, revision)
-    commit = getattr(resolved, "resolved", None)
-    if commit is None and revision is not None and re.fullmatch(r"[0-9a-f]{40}", revision):
-        commit = revision
-    return resolved, commit

@@ -83,26 +83,17 @@ class GroundingDINOSpecialist(Specialist):
             {"grounding"} if ground_captions else set()
         )
         self.needs = frozenset({"captions"} if ground_captions else set())
-        self._commit: str | None = None
         self._model: Any = None
         self._processor: Any = None
         self._prompts: list[VocabularyPrompt] = []
 
-    @property
-    def model_revision(self) -> str:
-        if self._commit:
-            return f"{self.config.model}@{self._commit}"
-        return super().model_revision
-
     def setup(self) -> None:
         import torch
         from transformers import GroundingDinoForObjectDetection, GroundingDinoProcessor
-        from transformers.utils.hub import resolve_revision
 
         # Pin the revision to one commit, so processor and weights come from the same
         # repository state and lineage names that commit (local folders stay as they are).
-        revision = resolve_revision(self.config.model, self.config.revision)
-        self._commit = getattr(revision, "resolved", None)
+        revision = self.pinned_revision()
         load = {"revision": revision, "trust_remote_code": self.config.trust_remote_code}
         self._processor = GroundingDinoProcessor.from_pretrained(self.config.model, **load)
         model = GroundingDinoForObjectDetection.from_pretrained(

@@ -70,27 +70,18 @@ class OWLv2Specialist(Specialist):
             {"grounding"} if ground_captions else set()
         )
         self.needs = frozenset({"captions"} if ground_captions else set())
-        self._commit: str | None = None
         self._model: Any = None
         self._processor: Any = None
         self._nlp: Any = None
         self._vocabulary_embeds: torch.Tensor | None = None
 
-    @property
-    def model_revision(self) -> str:
-        if self._commit:
-            return f"{self.config.model}@{self._commit}"
-        return super().model_revision
-
     def setup(self) -> None:
         import torch
         from transformers import Owlv2ForObjectDetection, Owlv2Processor
-        from transformers.utils.hub import resolve_revision
 
         # Pin the revision to one commit, so processor and weights come from the same
         # repository state and lineage names that commit (local folders stay as they are).
-        revision = resolve_revision(self.config.model, self.config.revision)
-        self._commit = getattr(revision, "resolved", None)
+        revision = self.pinned_revision()
         load = {"revision": revision, "trust_remote_code": self.config.trust_remote_code}
         self._processor = Owlv2Processor.from_pretrained(self.config.model, **load)
         model = Owlv2ForObjectDetection.from_pretrained(

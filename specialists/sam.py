@@ -15,7 +15,6 @@ with ``polygons=None``, so the filter stage can still judge it.
 from __future__ import annotations
 
 import itertools
-import re
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -179,13 +178,6 @@ class SAMSpecialist(Specialist):
         self.area_tolerance = area_tolerance
         self._model = None
         self._processor = None
-        self._commit: str | None = None
-
-    @property
-    def model_revision(self) -> str:
-        if self._commit is None:
-            return super().model_revision
-        return f"{self.config.model}@{self._commit}"
 
     def setup(self) -> None:
         import torch
@@ -193,7 +185,7 @@ class SAMSpecialist(Specialist):
 
         if self.config.model is None:
             raise ValueError(f"specialist {self.config.name!r}: SAM needs a model")
-        revision, self._commit = _pinned_revision(self.config.model, self.config.revision)
+        revision = self.pinned_revision()
         load = {"revision": revision, "trust_remote_code": self.config.trust_remote_code}
         self._processor = SamProcessor.from_pretrained(self.config.model, **load)
         model = SamModel.from_pretrained(
@@ -262,18 +254,3 @@ class SAMSpecialist(Specialist):
                 region.polygons = checked_polygons(
                     mask, self.simplify_tolerance, self.min_area_fraction, self.area_tolerance
                 )
-
-
-def _pinned_revision(model: str, revision: str | None) -> tuple[str | None, str | None]:
-    """The revision to load every file from, and the commit hash it names, if known.
-
-    A hub revision (branch, tag) is resolved once, so the weights and the processor come
-    from the same commit and lineage can name it; a local folder has no commit.
-    """
-    from transformers.utils.hub import resolve_revision
-
-    resolved = resolve_revision(model, revision)
-    commit = getattr(resolved, "resolved", None)
-    if commit is None and revision is not None and re.fullmatch(r"[0-9a-f]{40}", revision):
-        commit = revision
-    return resolved, commit
