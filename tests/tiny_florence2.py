@@ -20,8 +20,17 @@ from __future__ import annotations
 import functools
 import json
 
+import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import BartTokenizer, CLIPImageProcessor, Florence2Processor
+from transformers import (
+    BartConfig,
+    BartTokenizer,
+    CLIPImageProcessor,
+    Florence2Config,
+    Florence2ForConditionalGeneration,
+    Florence2Processor,
+    Florence2VisionConfig,
+)
 
 # DaViT with its default patch strides (4, 2, 2, 2) downsamples by 32; the projector adds
 # one pooled token to the grid (577 = 24 * 24 + 1 at the checkpoints' 768 pixels).
@@ -126,3 +135,46 @@ def build_florence2_processor() -> Florence2Processor:
         tokenizer=tokenizer,
         post_processor_config=POST_PROCESSOR_CONFIG,
     )
+
+
+def build_tiny_florence2_model(seed: int = 0) -> Florence2ForConditionalGeneration:
+    """A randomly initialised ``Florence2ForConditionalGeneration`` that fits the processor.
+
+    DaViT keeps its four stages (one block each, a few channels) and its default strides,
+    so an ``IMAGE_SIZE`` square becomes the ``IMAGE_SEQ_LENGTH`` tokens the processor makes
+    room for; the language model is a one-layer BART encoder-decoder. Dropout is off, so
+    training it on a few examples converges in a few dozen steps.
+    """
+    tokenizer = build_florence2_processor().tokenizer
+    vision = Florence2VisionConfig(
+        depths=[1, 1, 1, 1],
+        embed_dim=[8, 8, 16, 16],
+        num_heads=[1, 1, 2, 2],
+        num_groups=[1, 1, 2, 2],
+        window_size=2,
+        projection_dim=32,
+        drop_path_rate=0.0,
+    )
+    text = BartConfig(
+        vocab_size=len(tokenizer),
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=256,
+        dropout=0.0,
+        bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.eos_token_id,
+        # BART's default forces </s> at max_length; Florence-2 checkpoints do not.
+        forced_eos_token_id=None,
+    )
+    config = Florence2Config(
+        vision_config=vision, text_config=text, image_token_id=tokenizer.image_token_id
+    )
+    torch.manual_seed(seed)
+    return Florence2ForConditionalGeneration(config).eval()
