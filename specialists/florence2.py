@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import re
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -145,13 +144,6 @@ class Florence2Specialist(Specialist):
         self._model = None
         self._processor = None
         self._loc_bins: dict[int, int] = {}
-        self._commit: str | None = None
-
-    @property
-    def model_revision(self) -> str:
-        if self._commit is None:
-            return super().model_revision
-        return f"{self.config.model}@{self._commit}"
 
     def setup(self) -> None:
         import torch
@@ -159,8 +151,11 @@ class Florence2Specialist(Specialist):
 
         if self.config.model is None:
             raise ValueError(f"specialist {self.config.name!r}: Florence-2 needs a model")
-        revision, self._commit = _pinned_revision(self.config.model, self.config.revision)
-        load = {"revision": revision, "trust_remote_code": self.config.trust_remote_code}
+        # Lineage (model_revision) names the commit this resolves to.
+        load = {
+            "revision": self.pinned_revision(),
+            "trust_remote_code": self.config.trust_remote_code,
+        }
         self._processor = AutoProcessor.from_pretrained(self.config.model, **load)
         model = Florence2ForConditionalGeneration.from_pretrained(
             self.config.model, dtype=getattr(torch, self.config.dtype), **load
@@ -424,18 +419,3 @@ def _clip_box(box: list[float], width: int, height: int) -> Box:
 def _bounds(quad: list[float]) -> Box:
     xs, ys = quad[0::2], quad[1::2]
     return (min(xs), min(ys), max(xs), max(ys))
-
-
-def _pinned_revision(model: str, revision: str | None) -> tuple[str | None, str | None]:
-    """The revision to load every file from, and the commit hash it names, if known.
-
-    A hub revision (branch, tag) is resolved once, so the weights and the processor come
-    from the same commit and lineage can name it; a local folder has no commit.
-    """
-    from transformers.utils.hub import resolve_revision
-
-    resolved = resolve_revision(model, revision)
-    commit = getattr(resolved, "resolved", None)
-    if commit is None and revision is not None and re.fullmatch(r"[0-9a-f]{40}", revision):
-        commit = revision
-    return resolved, commit

@@ -198,6 +198,12 @@ def test_bad_options_fail_when_built(tmp_path, options):
         Florence2Specialist(config, **options)
 
 
+def test_lineage_names_the_pinned_commit(checkpoint):
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    assert loaded(checkpoint, "<OD>").model_revision == f"{checkpoint}@local"
+    assert loaded(checkpoint, "<OD>", revision=commit).model_revision == f"{checkpoint}@{commit}"
+
+
 # ---------------------------------------------------------------- taught outputs
 
 
