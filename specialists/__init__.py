@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 KINDS = {
     "captioner": "specialists.captioner:CaptionerSpecialist",
+    "florence2": "specialists.florence2:Florence2Specialist",
     "grounding_dino": "specialists.grounding_dino:GroundingDINOSpecialist",
     "owlv2": "specialists.owlv2:OWLv2Specialist",
     "rapidocr": "specialists.rapidocr:RapidOCRSpecialist",

@@ -5,6 +5,7 @@ import re
 import pytest
 
 from engine.config import CONFIG_DIR, ConfigError, EngineConfig, load_config
+from engine.run import check_specialists
 
 CONFIG_FILES = sorted([*CONFIG_DIR.rglob("*.yaml"), *CONFIG_DIR.rglob("*.yml")])
 
@@ -145,3 +146,9 @@ def test_top_level_that_is_not_a_mapping_is_an_error(tmp_path):
 
 def test_empty_file_gives_the_defaults(tmp_path):
     assert load_config(write(tmp_path, "")) == EngineConfig()
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
+def test_every_config_names_specialists_that_exist_with_fitting_options(path):
+    """Kinds import, options bind to the constructors, needs form no cycle; no model loads."""
+    check_specialists(load_config(path))
