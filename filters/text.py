@@ -111,3 +111,46 @@ def _name(token: Token) -> str:
         parts.extend(compounds)
         frontier.extend(compounds)
     return " ".join(t.text for t in sorted(parts, key=lambda t: t.i))
+
+
+# ---------------------------------------------------------------- the decision on stored stats
+
+# Drop reasons: fixed strings, so that a report counts drops by cause.
+TOO_MANY_OBJECTS = "too many objects"
+LOW_OBJECT_COMPLEXITY = "low object complexity"
+LOW_ACTION_COMPLEXITY = "low action complexity"
+
+
+def caption_decision(
+    stats: TextStats,
+    *,
+    max_objects: int | None = None,
+    min_object_complexity: float | None = None,
+    min_action_complexity: float | None = None,
+) -> tuple[bool, str | None]:
+    """Whether to keep a caption, from its stored ``stats``: ``(True, None)`` or
+    ``(False, reason)``; the first failed test, in the order of the arguments, gives it.
+
+    The caller passes the thresholds of the caption's kind: a brief caption names far
+    fewer objects than a more detailed one (FLD-5B means 3.23 vs 28.06), so one set of
+    numbers cannot judge all three. ``None`` turns a test off; the paper publishes no
+    values, so none is assumed here.
+
+    - ``max_objects``: dropped when ``len(stats.objects)`` is greater;
+    - ``min_object_complexity``: dropped when ``stats.object_complexity`` is lower; a
+      caption without objects has complexity 0 and fails any positive minimum;
+    - ``min_action_complexity``: dropped when ``stats.action_complexity`` is lower, only
+      for a caption that has actions: "A stop sign on a street corner" describes its
+      picture well without a verb, and a caption with none has nothing to judge.
+    """
+    if max_objects is not None and len(stats.objects) > max_objects:
+        return False, TOO_MANY_OBJECTS
+    if min_object_complexity is not None and stats.object_complexity < min_object_complexity:
+        return False, LOW_OBJECT_COMPLEXITY
+    if (
+        min_action_complexity is not None
+        and stats.actions
+        and stats.action_complexity < min_action_complexity
+    ):
+        return False, LOW_ACTION_COMPLEXITY
+    return True, None
