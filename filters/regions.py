@@ -38,7 +38,8 @@ import numpy as np
 import torch
 from torchvision.ops import batched_nms
 
-from engine.records import Box, ImageRecord, Phrase, Region
+from engine.geometry import clip_box
+from engine.records import ImageRecord, Phrase, Region
 
 DEFAULT_MIN_SCORE_BY_KIND: Mapping[str, float] = MappingProxyType(
     {"object": 0.3, "ocr": 0.5, "proposal": 0.0}
@@ -61,17 +62,6 @@ REGIONS_DROPPED = "regions dropped"
 
 
 # ---------------------------------------------------------------- geometry
-
-
-def clip_box(box: Sequence[float], width: float, height: float) -> Box:
-    """``box`` clipped to the image ``[0, width] x [0, height]``."""
-    x0, y0, x1, y1 = (float(v) for v in box)
-    return (
-        min(max(x0, 0.0), width),
-        min(max(y0, 0.0), height),
-        min(max(x1, 0.0), width),
-        min(max(y1, 0.0), height),
-    )
 
 
 def box_problem(

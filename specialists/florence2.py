@@ -41,6 +41,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from engine.config import SpecialistConfig
+from engine.geometry import clip_points
 from engine.records import CAPTION_KINDS, Box, Caption, Phrase, Region, box_is_finite
 from refinement.targets import CAPTION_TASKS, LOC_BINS, box_tokens, dequantise
 from specialists.base import Annotations, Specialist, SpecialistInput
@@ -255,7 +256,7 @@ class Florence2Specialist(Specialist):
         if self.task == SEGMENTATION:
             return self._segmentation(parsed, generation, image_size, prompt.region)
         if self.task == OCR:
-            quads = [_clip_points(q, width, height) for q in parsed["quad_boxes"]]
+            quads = [clip_points(q, width, height) for q in parsed["quad_boxes"]]
             scores = self._box_scores(generation, quads, image_size)
             return Annotations(
                 regions=[
@@ -285,7 +286,7 @@ class Florence2Specialist(Specialist):
         """The input region with the polygon parts of every instance in the output."""
         width, height = image_size
         parts = [
-            _clip_points(part, width, height)
+            clip_points(part, width, height)
             for instance in parsed["polygons"]
             for part in instance
             if len(part) >= 6
@@ -405,14 +406,9 @@ def _extend(target: Annotations, part: Annotations) -> None:
         target.phrases.append(phrase)
 
 
-def _clip_points(coords: list[float], width: int, height: int) -> list[float]:
-    """Flat ``x, y, x, y, ...`` coordinates moved inside the image."""
-    limits = (width, height)
-    return [min(max(float(v), 0.0), limits[i % 2]) for i, v in enumerate(coords)]
-
-
 def _clip_box(box: list[float], width: int, height: int) -> Box:
-    x0, y0, x1, y1 = _clip_points(box, width, height)
+    # Florence-2 can write a box's corners in either order: read it as the box they span.
+    x0, y0, x1, y1 = clip_points(box, width, height)
     return (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
 
 

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from engine.config import SpecialistConfig
-from engine.records import Box, Phrase, Region, box_is_finite
+from engine.geometry import box_in_image
+from engine.records import Box, Phrase, Region
 from specialists.base import Annotations, Specialist, SpecialistInput
 
 if TYPE_CHECKING:
@@ -183,7 +184,7 @@ class GroundingDINOSpecialist(Specialist):
         boxes = center_to_corners_format(outputs.pred_boxes[row]) * scale
         regions = []
         for box, score, entry in zip(boxes.tolist(), scores.tolist(), best.tolist(), strict=True):
-            pixel_box = _pixel_box(box, image.width, image.height)
+            pixel_box = box_in_image(box, image.width, image.height)
             if score > self.min_score and pixel_box is not None:
                 text = self.vocabulary[prompt.entries[entry][0]]
                 regions.append(Region(pixel_box, text, "object", source="", score=score))
@@ -207,7 +208,7 @@ class GroundingDINOSpecialist(Specialist):
             found["boxes"].tolist(), found["scores"].tolist(), found["text_labels"], strict=True
         ):
             span = label_span(caption, label, ignore=special)
-            pixel_box = _pixel_box(box, image.width, image.height)
+            pixel_box = box_in_image(box, image.width, image.height)
             if span is not None and pixel_box is not None:
                 by_span.setdefault(span, []).append((pixel_box, score))
         for (start, end), boxes in sorted(by_span.items()):
@@ -301,13 +302,3 @@ def _prompt(caption: str) -> str:
 def _chunks(items: list, size: int) -> Iterator[list]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
-
-
-def _pixel_box(box: Sequence[float], width: int, height: int) -> Box | None:
-    """``box`` clipped to the image; None when nothing of it is inside or it is not finite."""
-    if not box_is_finite(box):
-        return None
-    x0, y0, x1, y1 = (float(v) for v in box)
-    x0, x1 = min(max(x0, 0.0), float(width)), min(max(x1, 0.0), float(width))
-    y0, y1 = min(max(y0, 0.0), float(height)), min(max(y1, 0.0), float(height))
-    return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None

@@ -28,7 +28,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from engine.config import SpecialistConfig
-from engine.records import Box, Phrase, Region, box_is_finite
+from engine.geometry import box_in_image
+from engine.records import Box, Phrase, Region
 from specialists.base import Annotations, Specialist, SpecialistInput
 
 if TYPE_CHECKING:
@@ -205,7 +206,7 @@ class OWLv2Specialist(Specialist):
                 result["labels"].tolist(),
                 strict=True,
             ):
-                pixel_box = _pixel_box(box, width, height)
+                pixel_box = box_in_image(box, width, height)
                 if pixel_box is not None:
                     detections.append((pixel_box, score, query))
             found.append(detections)
@@ -230,14 +231,3 @@ def noun_phrases(doc: Any) -> list[tuple[int, int, str]]:
 
 def _region(box: Box, text: str, score: float) -> Region:
     return Region(box, text, "object", source="", score=score)
-
-
-def _pixel_box(box: Sequence[float], width: int, height: int) -> Box | None:
-    """``box`` clipped to the image; None when nothing of it is inside (OWLv2 also predicts
-    boxes in the padding that squares the image) or it is not finite."""
-    if not box_is_finite(box):
-        return None
-    x0, y0, x1, y1 = (float(v) for v in box)
-    x0, x1 = min(max(x0, 0.0), float(width)), min(max(x1, 0.0), float(width))
-    y0, y1 = min(max(y0, 0.0), float(height)), min(max(y1, 0.0), float(height))
-    return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None

@@ -24,7 +24,8 @@ from scipy import ndimage
 from skimage import measure
 
 from engine.config import SpecialistConfig
-from engine.records import Box, Region, box_is_finite
+from engine.geometry import box_in_image
+from engine.records import Region
 from specialists.base import Annotations, Specialist, SpecialistInput
 
 if TYPE_CHECKING:
@@ -121,15 +122,6 @@ def checked_polygons(
     return polygons if abs(drawn - mask_area) <= area_tolerance * mask_area else None
 
 
-def clip_box(box: Box, width: int, height: int) -> Box | None:
-    """``box`` clipped to the image; None when nothing of positive area is left."""
-    if not box_is_finite(box):
-        return None
-    x0, y0 = min(max(box[0], 0.0), width), min(max(box[1], 0.0), height)
-    x1, y1 = min(max(box[2], 0.0), width), min(max(box[3], 0.0), height)
-    return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
-
-
 class SAMSpecialist(Specialist):
     """Polygons for the object boxes other specialists (or human labels) produced.
 
@@ -202,7 +194,7 @@ class SAMSpecialist(Specialist):
             width, height = item.image.size
             regions = []
             for region in item.record.regions:
-                box = clip_box(region.box, width, height) if region.kind == "object" else None
+                box = box_in_image(region.box, width, height) if region.kind == "object" else None
                 if box is not None:
                     regions.append(Region(box, region.text, "object", source=""))
             results.append(Annotations(regions=regions))

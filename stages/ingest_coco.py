@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import fsspec
 
+from engine.geometry import clip_box, clip_points
 from engine.records import Caption, QuarantineEntry, Region
 
 HUMAN_SOURCE = "human:coco"
@@ -128,19 +129,14 @@ def labels_to_regions(
     changed: Counter[str] = Counter()
     for box in labels.boxes:
         x, y, w, h = box.bbox
-        clipped = (
-            min(max(x, 0.0), width),
-            min(max(y, 0.0), height),
-            min(max(x + w, 0.0), width),
-            min(max(y + h, 0.0), height),
-        )
+        clipped = clip_box((x, y, x + w, y + h), width, height)
         if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
             where = f"{uri}#annotation={box.annotation_id}"
             refused.append(_refuse(where, "box outside image", f"bbox={list(box.bbox)}"))
             continue
         if clipped != (x, y, x + w, y + h):
             changed["box clipped to image"] += 1
-        polygons = [_clip_polygon(p, width, height) for p in box.polygons] or None
+        polygons = [clip_points(p, width, height) for p in box.polygons] or None
         regions.append(Region(clipped, box.category, "object", HUMAN_SOURCE, polygons=polygons))
     captions = {"brief": Caption(labels.captions[0], HUMAN_SOURCE)} if labels.captions else {}
     return regions, captions, refused, changed
@@ -181,8 +177,3 @@ def _polygons(segmentation: object) -> tuple[tuple[tuple[float, ...], ...], str 
             return (), "invalid segmentation"
         polygons.append(tuple(float(v) for v in polygon))
     return tuple(polygons), None
-
-
-def _clip_polygon(polygon: tuple[float, ...], width: int, height: int) -> list[float]:
-    limits = (width, height)
-    return [min(max(v, 0.0), limits[i % 2]) for i, v in enumerate(polygon)]

@@ -20,14 +20,14 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-import torch
-from torchvision.ops import box_iou
+import numpy as np
 
 from engine.config import EngineConfig, MergeConfig
 from engine.execution import StageError, run_units
 from engine.records import RECORD_SCHEMA, ImageRecord, Region, records_from_table, records_to_table
 from engine.store import Store, kept_image_ids_by_unit, round_dataset
 from engine.summary import StageSummary
+from filters.regions import boxes_array, pairwise_iou
 from stages.annotate import annotate_dataset
 
 MANIFEST = "manifest"
@@ -170,9 +170,8 @@ def _best_match(region: Region, kept: list[Region], iou: float) -> int | None:
     same_kind = [i for i, other in enumerate(kept) if other.kind == region.kind]
     if not same_kind:
         return None
-    overlaps = box_iou(
-        torch.tensor([region.box], dtype=torch.float64),
-        torch.tensor([kept[i].box for i in same_kind], dtype=torch.float64),
+    overlaps = pairwise_iou(
+        np.asarray([region.box], dtype=np.float64), boxes_array([kept[i] for i in same_kind])
     )[0]
     best = int(overlaps.argmax())
     return same_kind[best] if float(overlaps[best]) >= iou else None

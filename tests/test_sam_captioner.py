@@ -11,7 +11,7 @@ from engine.records import ImageRecord, Region, records_from_table
 from engine.store import Store
 from specialists.base import SpecialistInput
 from specialists.captioner import CaptionerSpecialist
-from specialists.sam import SAMSpecialist, checked_polygons, clip_box, mask_to_polygons
+from specialists.sam import SAMSpecialist, checked_polygons, mask_to_polygons
 from stages.annotate import annotate_dataset, run_annotate
 from stages.ingest import plan_ingest, run_ingest
 from tests.inputs import encode, photo, write_coco
@@ -137,13 +137,6 @@ def test_polygons_are_refused_when_their_area_disagrees_with_the_mask():
     assert checked_polygons(sieve, 1.0, 0.01, area_tolerance=0.1) is None
     assert checked_polygons(sieve, 1.0, 0.01, area_tolerance=1.0) is not None
     assert checked_polygons(np.zeros((10, 10), bool), 1.0, 0.01, 0.1) is None
-
-
-def test_boxes_are_clipped_to_the_image_or_refused():
-    assert clip_box((-5, -5, 30, 50), 20, 40) == (0, 0, 20, 40)
-    assert clip_box((25, 5, 30, 10), 20, 40) is None  # wholly outside
-    assert clip_box((5, 5, 5, 10), 20, 40) is None  # no width
-    assert clip_box((float("nan"), 0, 5, 5), 20, 40) is None
 
 
 # ---------------------------------------------------------------- SAM
