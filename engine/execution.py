@@ -62,6 +62,25 @@ def ray_session(config: RayConfig) -> Iterator[None]:
             shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def check_fits(stage: str, cpus: float, gpus: float) -> None:
+    """Refuse work an embedded Ray can never schedule, instead of waiting on it forever.
+
+    Actors that hold every CPU leave none for the tasks that feed them, and Ray then
+    waits without a word. A cluster (RAY_ADDRESS set) may add nodes on demand, so there
+    the request is left to its autoscaler.
+    """
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    available = ray.cluster_resources()
+    have_cpus, have_gpus = available.get("CPU", 0.0), available.get("GPU", 0.0)
+    if cpus > have_cpus + 1e-9 or gpus > have_gpus + 1e-9:
+        raise StageError(
+            f"{stage}: needs {cpus:g} CPUs and {gpus:g} GPUs at once but this machine's Ray "
+            f"has {have_cpus:g} CPUs and {have_gpus:g} GPUs; lower num_cpus, num_gpus or "
+            "pool_size of the specialists, or ray.task_cpus"
+        )
+
+
 def run_units(
     stage: str,
     work: Callable[[UnitT], StageSummary],

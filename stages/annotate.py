@@ -30,7 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from engine.config import EngineConfig, SpecialistConfig
-from engine.execution import StageError
+from engine.execution import StageError, check_fits
 from engine.records import (
     ANNOTATION_SCHEMA,
     IMAGE_COLUMN,
@@ -265,6 +265,12 @@ def _run_level(
     summary: StageSummary,
 ) -> None:
     """Run the specialists of one level together, each over every unit not yet committed."""
+    # Every actor of the level, plus one decode task to feed them, must fit at once.
+    check_fits(
+        "annotate",
+        cpus=sum(s.num_cpus * s.pool_size for s in specs) + config.ray.task_cpus,
+        gpus=sum(s.num_gpus * s.pool_size for s in specs),
+    )
     prepare = ray.remote(num_cpus=config.ray.task_cpus)(prepare_unit)
     queues: dict[str, deque[str]] = {}
     pools: dict[str, list] = {}

@@ -5,6 +5,7 @@ from PIL import Image
 from skimage import data
 
 from engine.config import AnnotateConfig, SpecialistConfig, load_config
+from engine.execution import StageError
 from engine.records import records_from_table
 from engine.store import Store
 from specialists import build_specialist
@@ -103,6 +104,15 @@ def test_needs_get_upstream_and_human_captions_and_rerun_skips(store):
             assert all(0 <= i < len(record.regions) for i in phrase.regions)
     again = run_annotate(store, config, 0)
     assert again.units_run == 0 and again.units_skipped == 4
+
+
+def test_actors_that_cannot_fit_are_refused_before_they_hang(store):
+    greedy = with_specialists(spec("cap", CAPTIONER, num_cpus=1, pool_size=2))
+    with pytest.raises(StageError, match="needs 2.25 CPUs and 0 GPUs at once"):
+        run_annotate(store, greedy, 0)
+    gpu = with_specialists(spec("cap", CAPTIONER, num_gpus=0.5))
+    with pytest.raises(StageError, match="GPUs"):
+        run_annotate(store, gpu, 0)
 
 
 def test_rapidocr_reads_the_page_title(tmp_path, ray_cluster):

@@ -55,8 +55,8 @@ def specialist_configs(model_dir: Path, cores: int) -> dict[str, SpecialistConfi
 
     build_tiny_florence2_model().save_pretrained(model_dir)
     build_florence2_processor().save_pretrained(model_dir)
-    # One actor per core: each holds one CPU, so torch in each uses one thread.
-    shared = {"num_cpus": 1, "pool_size": cores}
+    # One actor per core, each on half a CPU so that the decode tasks fit beside them.
+    shared = {"num_cpus": 0.5, "pool_size": cores}
     return {
         "florence2": SpecialistConfig(
             name="florence2", kind="florence2", model=str(model_dir), batch_size=16,
@@ -96,7 +96,9 @@ def main() -> None:
         (root / "images").mkdir()
         make_images(root / "images", args.images)
         configs = specialist_configs(root / "florence2", args.cores)
-        base = load_config(None, [f"ray.num_cpus={args.cores}", "ingest.unit_size=32"])
+        base = load_config(
+            None, [f"ray.num_cpus={args.cores}", "ingest.unit_size=16", "ray.task_cpus=0.5"]
+        )
         with ray_session(base.ray):
             for name in args.specialists:
                 store = Store(str(root / f"store-{name}"))
