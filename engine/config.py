@@ -100,6 +100,47 @@ class MergeConfig(_Section):
     iou: float = Field(default=0.7, gt=0, le=1)
 
 
+class TextFilterConfig(_Section):
+    """Caption thresholds per kind (brief, detailed, more_detailed); a kind left out is
+    not tested. FLD-5B publishes no values; the paper's means are in FLD_REFERENCE §1."""
+
+    max_objects: dict[str, int] = Field(default_factory=dict)
+    min_object_complexity: dict[str, float] = Field(default_factory=dict)
+    min_action_complexity: dict[str, float] = Field(default_factory=dict)
+
+
+class RegionFilterConfig(_Section):
+    # Object regions under this score are dropped (filters/regions.py: detector demo
+    # display threshold); OCR lines under min_score_ocr (RapidOCR's own default).
+    min_score: float = Field(default=0.3, ge=0, le=1)
+    min_score_ocr: float = Field(default=0.5, ge=0, le=1)
+    min_score_proposal: float = Field(default=0.0, ge=0, le=1)
+    # Per specialist (its name, or name:model) thresholds, over the per-kind ones.
+    min_score_by_source: dict[str, float] = Field(default_factory=dict)
+    # Class-aware NMS across specialists; null turns it off.
+    nms_iou: float | None = Field(default=0.5, gt=0, le=1)
+    # An image with more object regions than this after NMS is dropped (COCO's maxDets).
+    max_objects: int | None = Field(default=100, ge=1)
+    min_side: float = Field(default=1.0, ge=0)
+    min_area: float = Field(default=0.0, ge=0)
+
+
+class GroundingFilterConfig(_Section):
+    # Kosmos-2 GRIT's published confidence threshold for grounded boxes.
+    min_score: float = Field(default=0.65, ge=0, le=1)
+    nms_iou: float | None = Field(default=0.5, gt=0, le=1)
+    # Drop an image whose phrases all lost their boxes (GRIT does); images that never had
+    # phrases are not judged by this filter.
+    drop_image_without_grounding: bool = True
+
+
+class FilterConfig(_Section):
+    spacy_model: str = "en_core_web_sm"
+    text: TextFilterConfig = TextFilterConfig()
+    region: RegionFilterConfig = RegionFilterConfig()
+    grounding: GroundingFilterConfig = GroundingFilterConfig()
+
+
 class ExportConfig(_Section):
     shard_max_samples: int = Field(default=1000, ge=1)
     shard_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
@@ -118,6 +159,7 @@ class EngineConfig(_Section):
     ingest: IngestConfig = IngestConfig()
     annotate: AnnotateConfig = AnnotateConfig()
     merge: MergeConfig = MergeConfig()
+    filter: FilterConfig = FilterConfig()
     export: ExportConfig = ExportConfig()
     report: ReportConfig = ReportConfig()
 

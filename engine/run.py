@@ -19,12 +19,13 @@ from engine.summary import StageSummary
 from specialists import build_specialist
 from stages.annotate import run_annotate, specialist_levels
 from stages.export import run_export
+from stages.filter import run_filter
 from stages.ingest import InputError, plan_ingest, run_ingest
 from stages.merge import run_merge
 from stages.report import run_report
 
 # The stages this build runs, in pipeline order; "all" runs them as one round.
-PIPELINE = ("ingest", "annotate", "merge", "export", "report")
+PIPELINE = ("ingest", "annotate", "merge", "filter", "export", "report")
 STAGES = (*PIPELINE, "all")
 
 
@@ -140,6 +141,10 @@ def plan_steps(
             if not config.annotate.specialists and stages != ("merge",):
                 continue  # nothing to merge into the human labels
             steps.append(lambda: run_merge(store, config, round_number))
+        elif stage == "filter":
+            if not config.annotate.specialists and stages != ("filter",):
+                continue  # human labels alone are not filtered
+            steps.append(lambda: run_filter(store, config, round_number))
         elif stage == "export":
             steps.append(lambda: run_export(store, config, round_number))
         elif stage == "report":

@@ -74,8 +74,8 @@ class Store:
     def unit_done(self, unit: str, datasets: Iterable[str]) -> bool:
         return all(self.is_committed(dataset, unit) for dataset in datasets)
 
-    def commit_unit(self, unit: str, tables: dict[str, pa.Table]) -> None:
-        """Write one part per dataset for ``unit``, then their markers.
+    def commit_unit(self, unit: str, tables: dict[str, pa.Table], info: dict | None = None) -> None:
+        """Write one part per dataset for ``unit``, then their markers (with ``info``).
 
         All parts are complete before the first marker is written; a unit counts as done
         only when every one of its markers exists (``unit_done``), so a kill between two
@@ -87,9 +87,8 @@ class Store:
             with self.fs.open(path, "wb") as f:
                 pq.write_table(table, f, compression=_compression(table))
         for dataset, table in tables.items():
-            self.write_marker(
-                dataset, unit, {"part": f"part-{unit}.parquet", "rows": table.num_rows}
-            )
+            marker = {"part": f"part-{unit}.parquet", "rows": table.num_rows, **(info or {})}
+            self.write_marker(dataset, unit, marker)
 
     def write_marker(self, dataset: str, unit: str, info: dict) -> None:
         """Commit a unit of ``dataset`` whose files are complete; ``info`` describes them."""

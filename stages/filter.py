@@ -1,0 +1,238 @@
+"""Filter: score, then threshold (filters/ holds the rules; this stage runs them).
+
+1. Score: every caption of the round's merged records is parsed once with spaCy
+   (``filters.text.text_stats``, batched) and its statistics are stored beside it in
+   ``rounds/rNNN/scored/``. Region scores are already stored by the specialists.
+2. Threshold: a cheap pass over the scored records decides, from stored numbers only,
+   which captions, regions, phrases and images stay (``filters.text.caption_decision``,
+   ``filters.regions.decide_regions``, ``filters.grounding.decide_grounding``). Kept
+   records go to ``filtered/``; everything set aside goes to ``dropped/`` with its
+   reason: a whole record, or a record holding only the annotations dropped for one
+   reason (their phrase region indices refer to the scored record).
+
+The threshold pass commits each unit with a digest of the thresholds, so running
+``--stage filter filter.region.min_score=0.4`` again redoes only the threshold pass:
+no model and no spaCy parse runs a second time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from dataclasses import dataclass, replace
+from functools import lru_cache
+
+import pyarrow as pa
+from spacy.language import Language
+
+from engine.config import EngineConfig, FilterConfig
+from engine.execution import StageError, run_units
+from engine.records import (
+    DROPPED_SCHEMA,
+    Caption,
+    ImageRecord,
+    Phrase,
+    Region,
+    records_from_table,
+    records_to_table,
+)
+from engine.store import Store, round_dataset
+from engine.summary import StageSummary
+from filters.grounding import decide_grounding
+from filters.regions import decide_regions
+from filters.text import caption_decision, load_pipeline, text_stats
+from stages.merge import merged_dataset
+
+
+def scored_dataset(round_number: int) -> str:
+    return round_dataset(round_number, "scored")
+
+
+def filtered_dataset(round_number: int) -> str:
+    return round_dataset(round_number, "filtered")
+
+
+def dropped_dataset(round_number: int) -> str:
+    return round_dataset(round_number, "dropped")
+
+
+def thresholds_digest(config: FilterConfig) -> str:
+    """Identifies the thresholds a unit was decided with (the spaCy model is not one)."""
+    thresholds = config.model_dump(exclude={"spacy_model"})
+    return hashlib.sha1(json.dumps(thresholds, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class FilterUnit:
+    key: str
+    store_url: str
+    round_number: int
+    config: FilterConfig
+
+
+def run_filter(store: Store, config: EngineConfig, round_number: int) -> StageSummary:
+    units = store.committed_units(merged_dataset(round_number))
+    if not units:
+        raise StageError(f"filter: round {round_number} has no merged records; run merge first")
+    work = [FilterUnit(unit, store.url, round_number, config.filter) for unit in units]
+    scored = scored_dataset(round_number)
+    score_summary = run_units(
+        "filter: score",
+        score_unit,
+        work,
+        done=lambda unit: store.is_committed(scored, unit.key),
+        num_cpus=config.ray.task_cpus,
+    )
+    digest = thresholds_digest(config.filter)
+    outputs = (filtered_dataset(round_number), dropped_dataset(round_number))
+
+    def decided(unit: FilterUnit) -> bool:
+        return store.unit_done(unit.key, outputs) and all(
+            store.read_marker(dataset, unit.key).get("thresholds") == digest for dataset in outputs
+        )
+
+    summary = run_units(
+        "filter: threshold", threshold_unit, work, done=decided, num_cpus=config.ray.task_cpus
+    )
+    summary.stage = "filter"
+    summary.seconds += score_summary.seconds
+    summary.location = store.path(outputs[0])
+    return summary
+
+
+@lru_cache(maxsize=2)
+def _pipeline(name: str) -> Language:
+    """Loaded once per worker process, not once per unit."""
+    return load_pipeline(name)
+
+
+def score_unit(unit: FilterUnit) -> StageSummary:
+    """Store text statistics beside every caption that has none yet."""
+    store = Store(unit.store_url)
+    records = records_from_table(store.read_unit(merged_dataset(unit.round_number), unit.key))
+    pending: list[Caption] = [
+        caption
+        for record in records
+        for caption in record.captions.values()
+        if caption.stats is None
+    ]
+    if pending:
+        stats = text_stats(_pipeline(unit.config.spacy_model), [c.text for c in pending])
+        for caption, caption_stats in zip(pending, stats, strict=True):
+            caption.stats = caption_stats
+    store.commit_unit(unit.key, {scored_dataset(unit.round_number): records_to_table(records)})
+    return StageSummary("filter: score", inputs=len(records), outputs=len(records))
+
+
+def threshold_unit(unit: FilterUnit) -> StageSummary:
+    """Decide one unit from stored statistics; commit kept and dropped records together."""
+    store = Store(unit.store_url)
+    records = records_from_table(store.read_unit(scored_dataset(unit.round_number), unit.key))
+    summary = StageSummary("filter", inputs=len(records))
+    kept: list[ImageRecord] = []
+    dropped: list[tuple[ImageRecord, str]] = []
+    for record in records:
+        result, set_aside = decide_record(record, unit.config)
+        for reason, part in set_aside:
+            dropped.append((part, reason))
+            summary.dropped[reason] += 1 if reason.startswith("image:") else _count(part)
+        if result is not None:
+            kept.append(result)
+    summary.outputs = len(kept)
+    dropped_table = records_to_table([record for record, _ in dropped])
+    reasons = pa.array([reason for _, reason in dropped], pa.string())
+    dropped_table = dropped_table.append_column(DROPPED_SCHEMA.field("reason"), reasons)
+    info = {"thresholds": thresholds_digest(unit.config)}
+    store.commit_unit(
+        unit.key,
+        {
+            filtered_dataset(unit.round_number): records_to_table(kept),
+            dropped_dataset(unit.round_number): dropped_table,
+        },
+        info=info,
+    )
+    return summary
+
+
+def decide_record(
+    record: ImageRecord, config: FilterConfig
+) -> tuple[ImageRecord | None, list[tuple[str, ImageRecord]]]:
+    """The record as kept (None when dropped whole) and what was set aside, by reason."""
+    aside: dict[str, ImageRecord] = defaultdict(lambda: _empty_like(record))
+
+    captions = {}
+    for kind, caption in record.captions.items():
+        keep, reason = (True, None)
+        if caption.stats is not None:
+            keep, reason = caption_decision(
+                caption.stats,
+                max_objects=config.text.max_objects.get(kind),
+                min_object_complexity=config.text.min_object_complexity.get(kind),
+                min_action_complexity=config.text.min_action_complexity.get(kind),
+            )
+        if keep:
+            captions[kind] = caption
+        else:
+            aside[f"caption: {reason}"].captions[kind] = caption
+    phrases = []
+    for phrase in record.phrases:
+        if phrase.caption in captions:
+            phrases.append(phrase)
+        else:
+            aside["phrase: its caption was dropped"].phrases.append(phrase)
+    current = replace(record, captions=captions, phrases=phrases)
+
+    region_config = config.region
+    decision = decide_regions(
+        current,
+        min_score_by_kind={
+            "object": region_config.min_score,
+            "ocr": region_config.min_score_ocr,
+            "proposal": region_config.min_score_proposal,
+        },
+        min_score_by_source=region_config.min_score_by_source,
+        nms_iou=region_config.nms_iou,
+        max_objects=region_config.max_objects,
+        min_side=region_config.min_side,
+        min_area=region_config.min_area,
+    )
+    _set_aside(aside, "region", decision.dropped_regions, decision.dropped_phrases)
+    if not decision.keep:
+        return None, [*aside.items(), (f"image: {decision.image_reason}", current)]
+    current = decision.applied_to(current)
+
+    if current.phrases:
+        grounding = config.grounding
+        decision = decide_grounding(
+            current,
+            min_score=grounding.min_score,
+            nms_iou=grounding.nms_iou,
+            drop_image_without_grounding=grounding.drop_image_without_grounding,
+        )
+        _set_aside(aside, "grounding", decision.dropped_regions, decision.dropped_phrases)
+        if not decision.keep:
+            return None, [*aside.items(), (f"image: {decision.image_reason}", current)]
+        current = decision.applied_to(current)
+    return current, list(aside.items())
+
+
+def _set_aside(
+    aside: dict[str, ImageRecord],
+    filter_name: str,
+    regions: list[tuple[Region, str]],
+    phrases: list[tuple[Phrase, str]],
+) -> None:
+    for region, reason in regions:
+        aside[f"{filter_name}: {reason}"].regions.append(region)
+    for phrase, reason in phrases:
+        aside[f"{filter_name}: {reason}"].phrases.append(phrase)
+
+
+def _empty_like(record: ImageRecord) -> ImageRecord:
+    return replace(record, captions={}, regions=[], phrases=[])
+
+
+def _count(record: ImageRecord) -> int:
+    """Annotations in a record that holds only set-aside annotations."""
+    return len(record.captions) + len(record.regions) + len(record.phrases)
