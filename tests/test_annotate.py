@@ -108,7 +108,7 @@ def test_needs_get_upstream_and_human_captions_and_rerun_skips(store):
 
 def test_actors_that_cannot_fit_are_refused_before_they_hang(store):
     greedy = with_specialists(spec("cap", CAPTIONER, num_cpus=1, pool_size=2))
-    with pytest.raises(StageError, match="needs 2.25 CPUs and 0 GPUs at once"):
+    with pytest.raises(StageError, match=r"needs 2\.25 CPUs and 0 GPUs at once"):
         run_annotate(store, greedy, 0)
     gpu = with_specialists(spec("cap", CAPTIONER, num_gpus=0.5))
     with pytest.raises(StageError, match="GPUs"):
