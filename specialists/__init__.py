@@ -23,6 +23,11 @@ KINDS = {
     "owlv2": "specialists.owlv2:OWLv2Specialist",
     "rapidocr": "specialists.rapidocr:RapidOCRSpecialist",
     "sam": "specialists.sam:SAMSpecialist",
+    # CPU specialists for the generated demo world (engine/world.py): no weights.
+    "world_captions": "specialists.world_text:TemplateCaptioner",
+    "world_grounding": "specialists.world_text:PhraseGrounder",
+    "world_polygons": "specialists.world:BoxPolygonMaker",
+    "world_shapes": "specialists.world:ShapeDetector",
 }
 
 
