@@ -58,7 +58,8 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from engine.records import CAPTION_KINDS, ImageRecord, Phrase, Region
+from engine.records import CAPTION_KINDS, ImageRecord, Phrase, Region, records_from_table
+from engine.store import Store, manifest_view
 from filters.text import text_stats
 
 if TYPE_CHECKING:
@@ -393,3 +394,60 @@ def iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
 def _overlap_of_smaller(a: tuple[float, ...], b: tuple[float, ...]) -> float:
     smaller = min(_area(a), _area(b))
     return _intersection(a, b) / smaller if smaller > 0 else 0.0
+
+
+def round_quality(
+    store: Store, round_number: int, truth: Mapping[str, ImageRecord], nlp: Language | None
+) -> dict[str, Evaluation]:
+    """A round scored against the truth at three points: every specialist's raw output
+    together (no deduplication), after merge, and after filter."""
+    from stages.annotate import attach
+    from stages.filter import filtered_dataset
+    from stages.merge import merged_dataset
+
+    raw = {r.image_id: r for r in records_from_table(manifest_view(store.read("manifest")))}
+    for dataset in store_datasets(store, f"rounds/r{round_number:03d}/annotate"):
+        for extra in records_from_table(store.read(dataset)):
+            if extra.image_id in raw:
+                attach(raw[extra.image_id], extra)
+    points = {"raw": list(raw.values())}
+    for name, dataset in (
+        ("merged", merged_dataset(round_number)),
+        ("filtered", filtered_dataset(round_number)),
+    ):
+        table = store.read(dataset)
+        if table is not None:
+            points[name] = records_from_table(table)
+    return {name: evaluate(records, truth, nlp) for name, records in points.items()}
+
+
+def store_datasets(store: Store, folder: str) -> list[str]:
+    """The datasets (sub-folders) under ``folder`` of the store, sorted."""
+    path = store.path(folder)
+    if not store.fs.exists(path):
+        return []
+    names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(path, detail=False))
+    return [f"{folder}/{name}" for name in names]
+
+
+def quality_table(evaluations: Mapping[str, Evaluation]) -> str:
+    """One column per evaluation point, one row per headline metric."""
+
+    def detailed(e: Evaluation, field: str) -> float | None:
+        scores = e.captions.get("detailed")
+        return getattr(scores, field) if scores else None
+
+    rows = {
+        "box AP": lambda e: e.box.ap,
+        "box AP50": lambda e: e.box.ap50,
+        "mask AP": lambda e: e.mask.ap,
+        "caption obj P": lambda e: detailed(e, "object_precision"),
+        "caption obj R": lambda e: detailed(e, "object_recall"),
+        "grounding acc": lambda e: e.grounding.value,
+        "OCR word acc": lambda e: e.ocr.value,
+    }
+    header = f"{'':<16}" + "".join(f"{name:>10}" for name in evaluations)
+    lines = [header]
+    for label, metric in rows.items():
+        lines.append(f"{label:<16}" + "".join(f"{_f(metric(e)):>10}" for e in evaluations.values()))
+    return "\n".join(lines)

@@ -133,11 +133,11 @@ def prepare_unit(
             continue
         for extra in records_from_table(store.read_unit(dataset, unit)):
             if extra.image_id in by_id:
-                _attach(by_id[extra.image_id], extra)
+                attach(by_id[extra.image_id], extra)
     return PreparedUnit(unit, records, pixels)
 
 
-def _attach(record: ImageRecord, extra: ImageRecord) -> None:
+def attach(record: ImageRecord, extra: ImageRecord) -> None:
     """Add another source's annotations to a record: captions fill missing kinds only
     (the labels an image came with come first), regions and phrases are appended."""
     for kind, caption in extra.captions.items():

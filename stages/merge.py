@@ -121,7 +121,8 @@ def merge_record(
             candidates, key=lambda c: (c[0].score if c[0].score is not None else -1.0, -c[1])
         )
         captions[kind] = best[0]
-        dropped[f"{kind} caption: higher-scored caption kept"] += len(candidates) - 1
+        if len(candidates) > 1:
+            dropped[f"{kind} caption: higher-scored caption kept"] += len(candidates) - 1
 
     regions = list(base.regions)
     # (output index, region index) -> index in ``regions``, for remapping phrases.
