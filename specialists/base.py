@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from PIL import Image
 
@@ -98,6 +100,32 @@ class Specialist(ABC):
     @property
     def source(self) -> str:
         return f"{self.config.name}:{self.model_revision}"
+
+    def generate_scored(
+        self, model: Any, inputs: Mapping[str, Any], max_new_tokens: int, num_beams: int
+    ) -> tuple[Any, Any]:
+        """Greedy or beam generation, and each generated token's log-probability.
+
+        The log-probabilities are the softmax of the model's raw logits, before
+        generation's logits processors, so a score does not depend on decoding settings.
+        Returns ``(tokens, log_probs)``, both (batch, generated steps): the generated
+        tokens only, without any prompt or decoder start token before them.
+        """
+        output = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            do_sample=False,  # a rerun must give the same annotations
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
+        log_probs = model.compute_transition_scores(
+            output.sequences,
+            output.logits,
+            getattr(output, "beam_indices", None),
+            normalize_logits=True,
+        )
+        return output.sequences[:, -log_probs.shape[1] :], log_probs
 
     @abstractmethod
     def setup(self) -> None:

@@ -135,23 +135,10 @@ class CaptionerSpecialist(Specialist):
         """(caption, score) per image; the caption is "" when nothing was generated."""
         import torch
 
-        output = self._model.generate(
-            **self._inputs(images, kind),
-            max_new_tokens=self.max_new_tokens[kind],
-            num_beams=self.num_beams,
-            do_sample=False,
-            return_dict_in_generate=True,
-            output_logits=True,
+        generated, log_probs = self.generate_scored(
+            self._model, self._inputs(images, kind), self.max_new_tokens[kind], self.num_beams
         )
-        log_probs = self._model.compute_transition_scores(
-            output.sequences,
-            output.logits,
-            getattr(output, "beam_indices", None),
-            normalize_logits=True,
-        ).float()
-        # Sequences hold the prompt (decoder-only models) or a start token before the
-        # generated tokens; the transition scores cover the generated tokens only.
-        generated = output.sequences[:, -log_probs.shape[1] :].cpu()
+        generated, log_probs = generated.cpu(), log_probs.float()
         stops = torch.isin(generated, torch.tensor(sorted(self._stop_ids)))
         captions = []
         for tokens, stop, row in zip(generated, stops, log_probs.cpu(), strict=True):

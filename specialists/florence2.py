@@ -201,22 +201,10 @@ class Florence2Specialist(Specialist):
         # BatchFeature.to casts floating tensors (pixels) only; token ids stay integers.
         inputs = inputs.to(self.device, dtype=self._model.dtype)
         with torch.inference_mode():
-            output = self._model.generate(
-                **inputs,
-                max_new_tokens=self.max_new_tokens,
-                num_beams=self.num_beams,
-                do_sample=False,
-                return_dict_in_generate=True,
-                output_logits=True,
+            generated, log_probs = self.generate_scored(
+                self._model, inputs, self.max_new_tokens, self.num_beams
             )
-            log_probs = self._model.compute_transition_scores(
-                output.sequences,
-                output.logits,
-                getattr(output, "beam_indices", None),
-                normalize_logits=True,
-            )
-        # Sequences begin with the decoder start token; the scores cover what follows it.
-        tokens = output.sequences[:, -log_probs.shape[1] :].tolist()
+        tokens = generated.tolist()
         tokenizer = self._processor.tokenizer
         skipped = {tokenizer.bos_token_id, tokenizer.pad_token_id}
         generations = []
