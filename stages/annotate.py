@@ -21,7 +21,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -182,13 +182,8 @@ class SpecialistActor:
         for part in (*annotations.captions.values(), *annotations.regions, *annotations.phrases):
             part.source = part.source or source
             part.round = self.round_number
-        return ImageRecord(
-            image_id=record.image_id,
-            uri=record.uri,
-            source=record.source,
-            width=record.width,
-            height=record.height,
-            sha256=record.sha256,
+        return replace(
+            record,
             captions=annotations.captions,
             regions=annotations.regions,
             phrases=annotations.phrases,

@@ -18,7 +18,7 @@ specialists' full outputs stay in ``rounds/rNNN/annotate/``.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -154,17 +154,7 @@ def merge_record(
         for phrase in out.phrases:
             phrase.regions = [placed[(out_index, index)] for index in phrase.regions]
             phrases.append(phrase)
-    return ImageRecord(
-        image_id=base.image_id,
-        uri=base.uri,
-        source=base.source,
-        width=base.width,
-        height=base.height,
-        sha256=base.sha256,
-        captions=captions,
-        regions=regions,
-        phrases=phrases,
-    )
+    return replace(base, captions=captions, regions=regions, phrases=phrases)
 
 
 def _best_match(region: Region, kept: list[Region], iou: float) -> int | None:
