@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from engine.train.config import TrainConfig
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
@@ -162,6 +164,8 @@ class EngineConfig(_Section):
     filter: FilterConfig = FilterConfig()
     export: ExportConfig = ExportConfig()
     report: ReportConfig = ReportConfig()
+    # The Florence-VL trainer (--stage train).
+    train: TrainConfig = TrainConfig()
 
 
 def apply_override(data: dict[str, Any], override: str) -> None:

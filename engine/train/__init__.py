@@ -1,0 +1,11 @@
+"""The Florence-VL trainer: Florence-2 features, Depth-Breadth Fusion, projector and LLM.
+
+- ``config.py``: the ``train:`` section of an engine config.
+- ``tiny.py``: tiny random-initialised Florence-2 and causal LM with local tokenizers.
+- ``model.py``: the vision tower (depth + breadth features), the projectors, the model.
+- ``data.py``: conversations from the engine's WebDataset shards (and LLaVA JSON),
+  tokenised with only the answers in the loss.
+- ``recipe.py``: stage 1 / stage 2 training on one device or data-parallel, with exact
+  resume.
+- ``inference.py``: answer a question about an image with a trained checkpoint.
+"""
