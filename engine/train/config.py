@@ -13,6 +13,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+# The placeholder for an image in a conversation's text. The data layer repeats it once
+# per visual token; the model puts the projected visual features at those positions.
+IMAGE_TOKEN = "<image>"
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
