@@ -17,6 +17,12 @@ Metrics, each over all truth images:
   category is its ``text``, and a predicted phrase that no truth region carries is
   left out (COCO ignores detections of categories without ground truth). Class-agnostic:
   every region is one category. A region's score is its ``score`` (``None`` -> 1.0).
+- **box P, R at IoU 0.5** (``Matching``): the annotations as a dataset consumer sees
+  them, every kept box counted whatever its score. Per image and category phrase, boxes
+  in descending score order each take the unmatched true box they overlap most, if at
+  IoU >= 0.5. Precision = matched / predicted boxes, recall = matched / true boxes. AP
+  cannot show what a filter buys (a score threshold only removes the tail of AP's
+  ranking), these can.
 - **mask AP, AP50**: the same with ``segm`` IoU of the regions' polygons (rasterised
   by pycocotools); predicted regions without a polygon are left out, as they have no
   mask to judge.
@@ -32,6 +38,9 @@ Metrics, each over all truth images:
   ranked by equal text, then overlapping characters, then nearest start. The true
   phrase counts as correct when each of its true boxes has a box of that predicted
   phrase's regions at IoU >= 0.5 (for a one-region phrase, the usual rule).
+- **grounding precision**: for each predicted phrase with boxes, the best true phrase
+  (same ranking); correct when each predicted box overlaps a box of that true phrase at
+  IoU >= 0.5. Phrases a filter should have cut count against it.
 - **OCR words** (``Accuracy``): the words (whitespace-separated, case-sensitive, as
   read) of each true ``ocr`` region, found among the words of the predicted ``ocr``
   regions whose box overlaps the true box by at least half of the smaller of the two
@@ -76,6 +85,23 @@ class DetectionScores:
 
 
 @dataclass(frozen=True, slots=True)
+class Matching:
+    """Boxes matched one to one at IoU >= 0.5, of ``predicted`` and of ``true``."""
+
+    matched: int
+    predicted: int
+    true: int
+
+    @property
+    def precision(self) -> float | None:
+        return _ratio(self.matched, self.predicted)
+
+    @property
+    def recall(self) -> float | None:
+        return _ratio(self.matched, self.true)
+
+
+@dataclass(frozen=True, slots=True)
 class CaptionScores:
     """Precision and recall of a caption kind's objects and attributes over ``images``."""
 
@@ -105,16 +131,21 @@ class Evaluation:
     unmatched_predictions: int
     box: DetectionScores
     box_agnostic: DetectionScores
+    box_matching: Matching
     mask: DetectionScores
     mask_agnostic: DetectionScores
     box_ap_by_category: dict[str, float | None]
     captions: dict[str, CaptionScores]
     grounding: Accuracy
+    grounding_precision: Accuracy
     ocr: Accuracy
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
+        out["box_matching"]["precision"] = self.box_matching.precision
+        out["box_matching"]["recall"] = self.box_matching.recall
         out["grounding"]["accuracy"] = self.grounding.value
+        out["grounding_precision"]["accuracy"] = self.grounding_precision.value
         out["ocr"]["accuracy"] = self.ocr.value
         return out
 
@@ -134,6 +165,11 @@ class Evaluation:
         ):
             values = (scores.ap, scores.ap50, agnostic.ap, agnostic.ap50)
             lines.append(row.format(name, *map(_f, values), ""))
+        m = self.box_matching
+        lines.append(
+            f"{'boxes @ IoU .5':<16}{'P ' + _f(m.precision):>9}{'R ' + _f(m.recall):>9}"
+            f"   ({m.matched} matched / {m.predicted} kept / {m.true} true)"
+        )
         if self.captions:
             lines.append(row.format("captions", "obj P", "obj R", "attr P", "attr R", "images"))
             for kind, c in self.captions.items():
@@ -143,7 +179,8 @@ class Evaluation:
         else:
             lines.append("captions        not scored (no spaCy pipeline given)")
         for name, acc, unit in (
-            ("grounding", self.grounding, "phrases"),
+            ("grounding", self.grounding, "true phrases"),
+            ("grounding P", self.grounding_precision, "predicted phrases"),
             ("OCR", self.ocr, "words"),
         ):
             lines.append(f"{name:<16}{_f(acc.value):>9}   ({acc.correct} / {acc.total} {unit})")
@@ -176,11 +213,13 @@ def evaluate(
         unmatched_predictions=len(predicted_by_name.keys() - truth_by_name.keys()),
         box=box,
         box_agnostic=_coco_scores(pairs, "bbox", agnostic=True)[0],
+        box_matching=_box_matching(pairs),
         mask=_coco_scores(pairs, "segm", agnostic=False)[0],
         mask_agnostic=_coco_scores(pairs, "segm", agnostic=True)[0],
         box_ap_by_category=by_category,
         captions=_caption_scores(pairs, nlp) if nlp is not None else {},
         grounding=_grounding(pairs),
+        grounding_precision=_grounding_precision(pairs),
         ocr=_ocr(pairs),
     )
 
@@ -251,6 +290,28 @@ def _coco_scores(
         for k, category in enumerate(run.params.catIds):
             by_category[names_by_id[category]] = _mean(precision[:, :, k])
     return DetectionScores(_mean(precision), _mean(at50)), by_category
+
+
+def _box_matching(pairs: Pairs) -> Matching:
+    matched = predicted_count = true_count = 0
+    for truth, predicted in pairs:
+        true_objects = _objects(truth, masks=False)
+        predicted_objects = _objects(predicted, masks=False)
+        true_count += len(true_objects)
+        predicted_count += len(predicted_objects)
+        unmatched = list(range(len(true_objects)))
+        ranked = sorted(predicted_objects, key=lambda r: -(1.0 if r.score is None else r.score))
+        for region in ranked:
+            overlaps = [
+                (iou(region.box, true_objects[i].box), i)
+                for i in unmatched
+                if true_objects[i].text == region.text
+            ]
+            best = max(overlaps, default=(0.0, -1))
+            if best[0] >= GROUNDING_IOU:
+                unmatched.remove(best[1])
+                matched += 1
+    return Matching(matched, predicted_count, true_count)
 
 
 def _objects(record: ImageRecord | None, masks: bool) -> list[Region]:
@@ -340,6 +401,27 @@ def _grounding(pairs: Pairs) -> Accuracy:
             ]
             wanted = [truth.regions[i].box for i in phrase.regions]
             if wanted and all(any(iou(w, b) >= GROUNDING_IOU for b in boxes) for w in wanted):
+                correct += 1
+    return Accuracy(correct, total)
+
+
+def _grounding_precision(pairs: Pairs) -> Accuracy:
+    correct = total = 0
+    for truth, predicted in pairs:
+        if predicted is None:
+            continue
+        for phrase in predicted.phrases:
+            boxes = [
+                predicted.regions[i].box for i in phrase.regions if 0 <= i < len(predicted.regions)
+            ]
+            if not boxes:
+                continue
+            total += 1
+            match = _best_phrase(phrase, truth.phrases)
+            if match is None:
+                continue
+            wanted = [truth.regions[i].box for i in match.regions]
+            if all(any(iou(b, w) >= GROUNDING_IOU for w in wanted) for b in boxes):
                 correct += 1
     return Accuracy(correct, total)
 
@@ -440,10 +522,13 @@ def quality_table(evaluations: Mapping[str, Evaluation]) -> str:
     rows = {
         "box AP": lambda e: e.box.ap,
         "box AP50": lambda e: e.box.ap50,
+        "box P @.5": lambda e: e.box_matching.precision,
+        "box R @.5": lambda e: e.box_matching.recall,
         "mask AP": lambda e: e.mask.ap,
         "caption obj P": lambda e: detailed(e, "object_precision"),
         "caption obj R": lambda e: detailed(e, "object_recall"),
-        "grounding acc": lambda e: e.grounding.value,
+        "grounding P": lambda e: e.grounding_precision.value,
+        "grounding R": lambda e: e.grounding.value,
         "OCR word acc": lambda e: e.ocr.value,
     }
     header = f"{'':<16}" + "".join(f"{name:>10}" for name in evaluations)

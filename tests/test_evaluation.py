@@ -56,6 +56,10 @@ def test_truth_against_itself_scores_one_everywhere(truth, nlp):
         values = (c.object_precision, c.object_recall, c.attribute_precision, c.attribute_recall)
         assert values == (1.0, 1.0, 1.0, 1.0) and c.images == 40
     assert result.grounding.value == 1.0 and result.grounding.total > 400
+    assert result.grounding_precision.value == 1.0
+    assert result.grounding_precision.total == result.grounding.total
+    m = result.box_matching
+    assert (m.precision, m.recall) == (1.0, 1.0) and m.true > 100
     assert result.ocr.value == 1.0 and result.ocr.total >= 10
     table = result.table()
     assert "boxes" in table and "more_detailed" in table and "OCR" in table
@@ -79,6 +83,26 @@ def test_half_the_boxes_limit_recall(truth):
     assert result.box_agnostic.ap == pytest.approx(expected)
     assert result.box_agnostic.ap50 == pytest.approx(expected)
     assert result.mask_agnostic.ap == pytest.approx(expected)
+    m = result.box_matching
+    assert (m.matched, m.predicted, m.true) == (kept, kept, total)
+
+
+def test_a_wrong_box_per_image_costs_precision_not_recall(truth):
+    """A kept box of a true category far from any true box is a false positive however
+    it scores: precision falls by exactly the added boxes, recall stays."""
+    predictions, added = [], 0
+    for record in _records(truth):
+        objects = [r for r in record.regions if r.kind == "object"]
+        if not objects:
+            predictions.append(record)
+            continue
+        wrong = _shifted(objects[0], 3.0)  # IoU 0 with the box it copies
+        wrong = dataclasses.replace(wrong, score=0.01)
+        added += 1
+        predictions.append(dataclasses.replace(record, regions=[*record.regions, wrong]))
+    m = evaluate(predictions, truth).box_matching
+    assert m.recall == 1.0
+    assert m.precision == pytest.approx(m.true / (m.true + added))
 
 
 def test_shifted_boxes_keep_ap50_and_lose_half_of_ap(truth):
@@ -100,7 +124,9 @@ def test_grounding_counts_phrases_whose_boxes_moved_away(truth):
     moved = [
         _with_regions(r, lambda x: _shifted(x, 0.5) if x.kind == "object" else x) for r in records
     ]
-    assert evaluate(moved, truth).grounding.value == 0.0
+    moved_result = evaluate(moved, truth)
+    assert moved_result.grounding.value == 0.0
+    assert moved_result.grounding_precision.value == 0.0
     # Without its brief phrases, a record grounds exactly its other phrases.
     no_brief = [
         dataclasses.replace(r, phrases=[p for p in r.phrases if p.caption != "brief"])
