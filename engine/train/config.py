@@ -94,6 +94,11 @@ class TrainDataConfig(_Section):
     max_length: int = Field(default=2048, ge=16)
     # Samples kept in memory for shuffling; 0 reads in shard order.
     shuffle_buffer: int = Field(default=1000, ge=0)
+    # Share of images (chosen by a hash of image_id, so the same ones on every rank and
+    # every run) kept out of training. At the end of each stage a batch of them is scored
+    # with the true images and with the images shuffled across the batch: a falling loss
+    # alone does not show that the model looks at the image, this gap does. 0 = no check.
+    holdout_fraction: float = Field(default=0.01, ge=0, lt=1)
 
 
 class TrainStageConfig(_Section):
