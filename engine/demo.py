@@ -29,7 +29,7 @@ from engine.run import main as run_engine
 from engine.store import Store
 from engine.world import generate_world, load_truth
 from filters.text import load_pipeline
-from refinement.evaluation import quality_table, round_quality
+from refinement.evaluation import quality_table, round_quality, write_round_quality
 
 # name -> (caption, [(category, [x0, y0, x1, y1])]) in the photo's own pixels.
 LABELLED = {
@@ -143,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         evaluations = round_quality(
             Store(str(store)), 0, load_truth(world.truth), load_pipeline(config.filter.spacy_model)
         )
+        write_round_quality(Store(str(store)), 0, evaluations, truth=world.truth.name)
+        # The report is written again, now with the quality table leading the page.
+        code = run_engine(["--config", args.config, "--stage", "report", "--store", str(store)])
         print(f"\nquality against the world's truth ({args.world_images} images):")
         print(quality_table(evaluations))
         print(f"\nshards: {store / 'shards' / 'r000'}")

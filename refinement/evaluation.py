@@ -68,7 +68,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from engine.records import CAPTION_KINDS, ImageRecord, Phrase, Region, records_from_table
-from engine.store import Store, manifest_view
+from engine.store import Store, manifest_view, round_dataset
 from filters.text import text_stats
 
 if TYPE_CHECKING:
@@ -512,27 +512,54 @@ def store_datasets(store: Store, folder: str) -> list[str]:
     return [f"{folder}/{name}" for name in names]
 
 
-def quality_table(evaluations: Mapping[str, Evaluation]) -> str:
-    """One column per evaluation point, one row per headline metric."""
+QUALITY_FILE = "quality.json"
 
-    def detailed(e: Evaluation, field: str) -> float | None:
+
+def quality_rows(evaluations: Mapping[str, Evaluation]) -> list[tuple[str, ...]]:
+    """The headline metrics, one row each: the metric's name, then one value per
+    evaluation point (``"-"`` where there is nothing to compute it from)."""
+
+    def most_detailed(e: Evaluation, field: str) -> float | None:
         scores = e.captions.get("detailed")
         return getattr(scores, field) if scores else None
 
-    rows = {
+    metrics = {
         "box AP": lambda e: e.box.ap,
         "box AP50": lambda e: e.box.ap50,
         "box P @.5": lambda e: e.box_matching.precision,
         "box R @.5": lambda e: e.box_matching.recall,
         "mask AP": lambda e: e.mask.ap,
-        "caption obj P": lambda e: detailed(e, "object_precision"),
-        "caption obj R": lambda e: detailed(e, "object_recall"),
+        "caption obj P": lambda e: most_detailed(e, "object_precision"),
+        "caption obj R": lambda e: most_detailed(e, "object_recall"),
         "grounding P": lambda e: e.grounding_precision.value,
         "grounding R": lambda e: e.grounding.value,
         "OCR word acc": lambda e: e.ocr.value,
     }
+    return [
+        (label, *(_f(metric(e)) for e in evaluations.values())) for label, metric in metrics.items()
+    ]
+
+
+def quality_table(evaluations: Mapping[str, Evaluation]) -> str:
+    """One column per evaluation point, one row per headline metric."""
     header = f"{'':<16}" + "".join(f"{name:>10}" for name in evaluations)
-    lines = [header]
-    for label, metric in rows.items():
-        lines.append(f"{label:<16}" + "".join(f"{_f(metric(e)):>10}" for e in evaluations.values()))
-    return "\n".join(lines)
+    rows = quality_rows(evaluations)
+    return "\n".join([header, *(f"{r[0]:<16}" + "".join(f"{v:>10}" for v in r[1:]) for r in rows)])
+
+
+def write_round_quality(
+    store: Store, round_number: int, evaluations: Mapping[str, Evaluation], truth: str
+) -> str:
+    """Store a round's scores as ``rounds/rNNN/quality.json``, where the report stage
+    finds them: the headline rows and every evaluation in full. Returns the path."""
+    first = next(iter(evaluations.values()))
+    quality = {
+        "truth": truth,
+        "images": first.images,
+        "columns": ["metric", *evaluations],
+        "rows": quality_rows(evaluations),
+        "evaluations": {name: e.to_dict() for name, e in evaluations.items()},
+    }
+    path = round_dataset(round_number, QUALITY_FILE)
+    store.write_bytes(path, json.dumps(quality, indent=1).encode())
+    return path

@@ -10,6 +10,8 @@ and writes under ``reports/rNNN/``:
     figures/*.png       histograms
     gallery/*.jpg       sample images with their annotations drawn on
 
+When an evaluation scored the round against ground truth (``rounds/rNNN/quality.json``,
+written by ``refinement.evaluation.write_round_quality``), its table leads the page.
 A report is derived data and is rewritten whole by each run. ``index.html`` is written
 last, so a page never references a file that is not there yet.
 """
@@ -25,12 +27,30 @@ from engine.config import EngineConfig
 from engine.records import DROPPED_SCHEMA, QUARANTINE_SCHEMA, RECORD_SCHEMA
 from engine.store import Store, manifest_view, records_dataset, round_dataset, round_dir
 from engine.summary import StageSummary
+from refinement.evaluation import QUALITY_FILE
 from stages import report_gallery, report_page, report_stats
 
 
 def _read(store: Store, dataset: str, schema: pa.Schema, columns: list[str]) -> pa.Table:
     table = store.read(dataset, columns=columns)
     return table if table is not None else schema.empty_table().select(columns)
+
+
+def quality_table(store: Store, round_number: int) -> report_stats.StatTable | None:
+    """The round's scores against ground truth, when an evaluation stored them
+    (``refinement.evaluation.write_round_quality``)."""
+    path = round_dataset(round_number, QUALITY_FILE)
+    if not store.exists(path):
+        return None
+    quality = json.loads(store.fs.cat_file(store.path(path)))
+    return report_stats.StatTable(
+        "quality",
+        f"Quality against ground truth ({quality['images']} images)",
+        quality["columns"],
+        [tuple(row) for row in quality["rows"]],
+        note=f"truth: {quality['truth']}; P and R at IoU 0.5 count every kept box "
+        "whatever its score; full scores in " + path,
+    )
 
 
 def run_report(store: Store, config: EngineConfig, round_number: int) -> StageSummary:
@@ -71,6 +91,9 @@ def run_report(store: Store, config: EngineConfig, round_number: int) -> StageSu
                           report_page.UNIT_BINS),
         }  # fmt: skip
         chosen = report_gallery.choose(con, config.report.gallery_size)
+    quality = quality_table(store, round_number)
+    if quality is not None:
+        tables.insert(0, quality)
 
     figures = []
     for name, (title, xlabel, series, bins) in histograms.items():

@@ -15,4 +15,5 @@ def test_demo_runs_end_to_end_and_scores_the_round(tmp_path, ray_cluster, capsys
     assert header == ["raw", "merged", "filtered"]
     box_ap50 = re.search(r"box AP50\s+([\d.]+)\s+([\d.]+)\s+([\d.-]+)", table)
     assert float(box_ap50.group(1)) > 0.2 and float(box_ap50.group(2)) > 0.2
-    assert (tmp_path / "demo/store/reports/r000/index.html").exists()
+    page = (tmp_path / "demo/store/reports/r000/index.html").read_text()
+    assert "Quality against ground truth (4 images)" in page

@@ -4,6 +4,7 @@ import hashlib
 import io
 import json
 import shutil
+from dataclasses import replace
 
 import pyarrow as pa
 import pytest
@@ -21,6 +22,7 @@ from engine.records import (
     records_to_table,
 )
 from engine.store import Store, round_dataset
+from refinement.evaluation import evaluate, write_round_quality
 from stages.report import run_report
 from stages.report_gallery import SIDE, draw, region_colour
 
@@ -122,6 +124,7 @@ def test_tables_match_hand_counts(store, tmp_path):
 
     stats = json.loads((index.parent / "stats.json").read_text())
     assert (stats["dataset"], stats["records"]) == ("manifest", 3)
+    assert "quality" not in stats["tables"]  # no evaluation scored this round
 
     table2 = {(r["annotation"], r["text_type"]): r for r in rows(stats, "annotations")}
     got = {
@@ -201,6 +204,27 @@ def test_filtered_records_take_images_from_the_manifest(store, tmp_path):
     assert stats["dataset"] == "rounds/r000/filtered"
     assert (report / "gallery" / f"{'b' * 24}.jpg").exists()
     assert "Two cats" in (report / "index.html").read_text()
+
+
+def test_a_scored_round_leads_with_its_quality_table(store, tmp_path):
+    records = [record_a(), record_b(), record_c()]
+    perfect = evaluate(records, records)
+    half = evaluate([replace(r, regions=r.regions[:1]) for r in records], records)
+    write_round_quality(store, 0, {"raw": half, "filtered": perfect}, truth="truth.json")
+    run_report(store, CONFIG, 0)
+    report = tmp_path / "store" / "reports" / "r000"
+    quality = json.loads((report / "stats.json").read_text())["tables"]["quality"]
+    assert quality["columns"] == ["metric", "raw", "filtered"]
+    by_metric = {row["metric"]: row for row in quality["rows"]}
+    objects = sum(r.kind == "object" for rec in records for r in rec.regions)
+    kept = sum(r.regions[0].kind == "object" for r in records if r.regions)
+    assert by_metric["box R @.5"] == {
+        "metric": "box R @.5",
+        "raw": f"{kept / objects:.3f}",
+        "filtered": "1.000",
+    }
+    page = (report / "index.html").read_text()
+    assert page.index("Quality against ground truth (3 images)") < page.index("Annotations")
 
 
 def test_empty_store_says_there_is_nothing_yet(tmp_path):
