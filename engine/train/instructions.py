@@ -1,0 +1,282 @@
+"""Conversations about one image, made from its FLD record: stage-1 captions, stage-2 tasks.
+
+A record is the ``<key>.json`` of an exported sample (DESIGN.md, export format); the image
+travels beside it as the encoded bytes the shard stores. Each function returns
+:class:`Conversation` objects whose turns alternate user / assistant, starting with the
+user; the image placeholder is not in the text (``encode_conversation`` puts it in front of
+the first user turn).
+
+Coordinates. A box is written ``[x0, y0, x1, y1]``: each value the Florence-2 bin of the
+pixel coordinate on its axis, ``floor(x / (W / 1000))`` clamped to 0..999
+(``refinement.targets.quantise``), so ``[0, 0, 999, 999]`` is the whole image whatever its
+size. Plain numbers are in every LLM's vocabulary, unlike Florence-2's ``<loc_N>`` tokens,
+and the bins are the ones the engine's Florence-2 targets use. An OCR quadrilateral is
+eight such values ``[x1, y1, x2, y2, x3, y3, x4, y4]``, corners clockwise from top-left.
+Several boxes are joined by ``", "``.
+
+Answer formats (the question is drawn from a short fixed list per task, e.g.):
+- ``caption``: "Describe the image in detail." -> the record's most detailed caption
+  (more_detailed, else detailed, else brief).
+- ``region`` (box -> text): "What is in the region [12, 40, 300, 512]?" -> the object
+  region's text, e.g. ``"a brown dog"``.
+- ``grounding`` (phrase -> boxes): 'Where is "a brown dog" in the image?' -> every box the
+  caption phrase is grounded to, in the record's region order: ``"[12, 40, 300, 512]"`` or
+  ``"[12, 40, 300, 512], [500, 40, 700, 600]"``.
+- ``referring`` (expression -> box): 'Which region does "the dog on the left" describe?'
+  -> ``"[12, 40, 300, 512]"``; expressions are object-region texts that occur once in the
+  record, so the answer is one box.
+- ``counting``: 'How many "dog" are there in the image?' -> ``"3"``: the number of object
+  regions with that text (case and spacing ignored); only category-like texts of up to
+  three words are counted, longer texts being descriptions of one region.
+- ``ocr``: two turns. "What text is in the image?" -> the OCR texts in reading order
+  (lines top to bottom, left to right within a line), one per line; then "Where is each
+  piece of text?" -> one line per text, ``"STOP [410, 80, 520, 130]"``: the text, a space,
+  its quadrilateral (8 values) when the record has one, else its box (4 values).
+
+``region``, ``grounding``, ``referring`` and ``counting`` ask about up to
+``MAX_TURNS`` items of the record (drawn without replacement, in random order), one
+question and answer per item. A record lacking what a task needs (no object region with
+text, no grounded phrase, no OCR text, ...) gives no conversation for that task. Regions
+with a non-finite box are ignored, and so are phrases pointing only at such regions.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from refinement.targets import quantise
+
+# Questions per conversation for the multi-item tasks: several answers share one image's
+# visual tokens (the expensive part of a sample) while the text stays far below a
+# typical max_length.
+MAX_TURNS = 4
+# Object texts of more words than this describe one region rather than name a category,
+# and "how many <description>" has no sensible answer.
+MAX_CATEGORY_WORDS = 3
+
+CAPTION_PROMPTS = (
+    "Describe the image in detail.",
+    "Give a detailed description of this image.",
+    "What do you see in this picture? Describe it thoroughly.",
+    "Write a detailed caption for the image.",
+)
+REGION_PROMPTS = (
+    "What is in the region {box}?",
+    "Describe the region {box} of the image.",
+    "What does the area {box} show?",
+)
+GROUNDING_PROMPTS = (
+    'Where is "{phrase}" in the image?',
+    'Give the boxes of "{phrase}".',
+    'Locate "{phrase}" in the image.',
+)
+REFERRING_PROMPTS = (
+    'Which region does "{expression}" describe?',
+    'Give the box of "{expression}".',
+    'Find the region: "{expression}".',
+)
+COUNTING_PROMPTS = (
+    'How many "{category}" are there in the image?',
+    'Count the "{category}" in the image.',
+)
+OCR_READ_PROMPTS = (
+    "What text is in the image?",
+    "Read all the text in the image.",
+)
+OCR_LOCATE_PROMPTS = (
+    "Where is each piece of text?",
+    "Read the text again, with the location of each piece.",
+)
+
+INSTRUCTION_TASKS = ("region", "grounding", "ocr", "counting", "referring")
+
+
+@dataclass(frozen=True)
+class Turn:
+    role: Literal["user", "assistant"]
+    text: str
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """Turns about one image: user first, then alternating with the assistant."""
+
+    image: bytes  # the encoded image as stored (JPEG for the engine's shards)
+    turns: tuple[Turn, ...]
+    image_id: str
+    task: str  # "caption" | "region" | "grounding" | "ocr" | "counting" | "referring" | "llava"
+
+
+def caption_conversation(
+    record: dict[str, Any], image: bytes, rng: random.Random
+) -> Conversation | None:
+    """Stage 1: one question for a detailed description and the record's most detailed caption.
+
+    Returns None when the record has no non-blank caption.
+    """
+    captions = record.get("captions") or {}
+    for kind in ("more_detailed", "detailed", "brief"):
+        text = (captions.get(kind) or "").strip()
+        if text:
+            turns = (Turn("user", rng.choice(CAPTION_PROMPTS)), Turn("assistant", text))
+            return Conversation(image, turns, record["image_id"], "caption")
+    return None
+
+
+def instruction_conversations(
+    record: dict[str, Any], image: bytes, tasks: Sequence[str], rng: random.Random
+) -> list[Conversation]:
+    """Stage 2: one conversation per task in ``tasks`` that the record has the data for.
+
+    ``tasks`` are names from ``INSTRUCTION_TASKS``; the answer formats are in the module
+    docstring. The conversations come in the order of ``tasks``.
+    """
+    unknown = set(tasks) - set(INSTRUCTION_TASKS)
+    if unknown:
+        raise ValueError(f"unknown instruction tasks {sorted(unknown)}; known: {INSTRUCTION_TASKS}")
+    conversations = []
+    for task in tasks:
+        pairs = _TASKS[task](record, rng)
+        if pairs:
+            turns = tuple(
+                turn for q, a in pairs for turn in (Turn("user", q), Turn("assistant", a))
+            )
+            conversations.append(Conversation(image, turns, record["image_id"], task))
+    return conversations
+
+
+# ---------------------------------------------------------------- coordinates as text
+
+
+def format_coords(coords: Sequence[float], width: float, height: float) -> str:
+    """Flat ``x, y, x, y, ...`` pixel coordinates as ``"[x, y, ...]"`` in 0..999 bins."""
+    sizes = (width, height)
+    return "[" + ", ".join(str(quantise(v, sizes[i % 2])) for i, v in enumerate(coords)) + "]"
+
+
+def _finite(values: Sequence[float] | None, count: int) -> bool:
+    return values is not None and len(values) == count and all(math.isfinite(v) for v in values)
+
+
+# ---------------------------------------------------------------- tasks
+
+Pairs = list[tuple[str, str]]
+
+
+def _text(value: str | None) -> str:
+    """A text with its whitespace collapsed (answers are compared and counted this way)."""
+    return " ".join((value or "").split())
+
+
+def _regions(record: dict[str, Any], kind: str) -> list[tuple[int, dict[str, Any]]]:
+    """(index, region) of the record's regions of ``kind`` with text and a finite box."""
+    return [
+        (i, r)
+        for i, r in enumerate(record.get("regions") or [])
+        if r.get("kind") == kind and _text(r.get("text")) and _finite(r.get("box"), 4)
+    ]
+
+
+def _some(items: list[Any], rng: random.Random) -> list[Any]:
+    return rng.sample(items, min(len(items), MAX_TURNS))
+
+
+def _region_pairs(record: dict[str, Any], rng: random.Random) -> Pairs:
+    w, h = record["width"], record["height"]
+    objects = [r for _, r in _regions(record, "object")]
+    return [
+        (rng.choice(REGION_PROMPTS).format(box=format_coords(r["box"], w, h)), _text(r["text"]))
+        for r in _some(objects, rng)
+    ]
+
+
+def _grounding_pairs(record: dict[str, Any], rng: random.Random) -> Pairs:
+    w, h = record["width"], record["height"]
+    regions = record.get("regions") or []
+    # A phrase that recurs (in several captions) keeps its first grounding.
+    grounded: dict[str, str] = {}
+    for phrase in record.get("phrases") or []:
+        text = _text(phrase.get("text"))
+        boxes = [
+            format_coords(regions[i]["box"], w, h)
+            for i in sorted(set(phrase.get("regions") or []))
+            if 0 <= i < len(regions) and _finite(regions[i].get("box"), 4)
+        ]
+        if text and boxes:
+            grounded.setdefault(text, ", ".join(boxes))
+    return [
+        (rng.choice(GROUNDING_PROMPTS).format(phrase=text), boxes)
+        for text, boxes in _some(list(grounded.items()), rng)
+    ]
+
+
+def _referring_pairs(record: dict[str, Any], rng: random.Random) -> Pairs:
+    w, h = record["width"], record["height"]
+    by_text: dict[str, list[dict[str, Any]]] = {}
+    for _, region in _regions(record, "object"):
+        by_text.setdefault(_text(region["text"]).lower(), []).append(region)
+    unique = [regions[0] for regions in by_text.values() if len(regions) == 1]
+    return [
+        (
+            rng.choice(REFERRING_PROMPTS).format(expression=_text(r["text"])),
+            format_coords(r["box"], w, h),
+        )
+        for r in _some(unique, rng)
+    ]
+
+
+def _counting_pairs(record: dict[str, Any], rng: random.Random) -> Pairs:
+    counts: dict[str, int] = {}
+    for _, region in _regions(record, "object"):
+        category = _text(region["text"]).lower()
+        if len(category.split()) <= MAX_CATEGORY_WORDS:
+            counts[category] = counts.get(category, 0) + 1
+    return [
+        (rng.choice(COUNTING_PROMPTS).format(category=category), str(count))
+        for category, count in _some(list(counts.items()), rng)
+    ]
+
+
+def _ocr_pairs(record: dict[str, Any], rng: random.Random) -> Pairs:
+    w, h = record["width"], record["height"]
+    texts = _reading_order([r for _, r in _regions(record, "ocr")])
+    if not texts:
+        return []
+    read = "\n".join(_text(r["text"]) for r in texts)
+    located = "\n".join(
+        _text(r["text"])
+        + " "
+        + format_coords(r["quad"] if _finite(r.get("quad"), 8) else r["box"], w, h)
+        for r in texts
+    )
+    return [(rng.choice(OCR_READ_PROMPTS), read), (rng.choice(OCR_LOCATE_PROMPTS), located)]
+
+
+def _reading_order(regions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Text lines top to bottom, each read left to right: the order of the Florence-2 OCR
+    targets (``refinement.targets``), so both models learn one reading order.
+
+    A region joins the current line when its vertical centre lies inside the line's first
+    region, which groups the words of a slightly uneven line without a tuned threshold.
+    """
+    lines: list[list[dict[str, Any]]] = []
+    for region in sorted(regions, key=lambda r: r["box"][1] + r["box"][3]):
+        centre = (region["box"][1] + region["box"][3]) / 2
+        if lines and lines[-1][0]["box"][1] <= centre <= lines[-1][0]["box"][3]:
+            lines[-1].append(region)
+        else:
+            lines.append([region])
+    return [region for line in lines for region in sorted(line, key=lambda r: r["box"][0])]
+
+
+_TASKS: dict[str, Callable[[dict[str, Any], random.Random], Pairs]] = {
+    "region": _region_pairs,
+    "grounding": _grounding_pairs,
+    "ocr": _ocr_pairs,
+    "counting": _counting_pairs,
+    "referring": _referring_pairs,
+}
