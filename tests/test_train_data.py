@@ -324,6 +324,7 @@ def test_corrupt_samples_are_skipped_warned_and_counted(shards, tmp_path, caplog
             "ok1": {"jpg": good, "json": record},
             "badjson": {"jpg": good, "json": b"{not json"},
             "nojpg": {"json": record},
+            "notrecord": {"jpg": good, "json": b'{"image_id": "odd", "captions": "none"}'},
             "cutjpg": {"jpg": good[: len(good) // 2], "json": record},
             "ok2": {"jpg": good, "json": record},
         }.items():
@@ -344,13 +345,14 @@ def test_corrupt_samples_are_skipped_warned_and_counted(shards, tmp_path, caplog
         )
     assert sum(c.image_id == "rich" for c in got) == 3  # ok1, ok2 and the cut shard's ok1
     assert len(got) == 3 + SHARD_SAMPLES
-    assert stats.skipped == {"bad json": 1, "incomplete sample": 1, "unreadable image": 1,
-                             "unreadable shard": 1}  # fmt: skip
+    assert stats.skipped == {"bad json": 1, "incomplete sample": 1, "malformed record": 1,
+                             "unreadable image": 1, "unreadable shard": 1}  # fmt: skip
     messages = "\n".join(r.getMessage() for r in caplog.records)
     for where in (
         "mixed-00000.tar#badjson",
         "mixed-00000.tar#nojpg",
         "mixed-00000.tar#cutjpg",
+        "mixed-00000.tar#notrecord",
         "cut.tar",
     ):
         assert where in messages

@@ -202,7 +202,7 @@ def _drafts(
                     conversations = instruction_conversations(
                         record, image, data.instruction_tasks, rng
                     )
-            except (KeyError, TypeError, ValueError, IndexError) as exc:
+            except (AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:
                 # JSON that parses but is not the export format (a field missing or of
                 # another type): one bad record must not end the epoch.
                 stats.skip(f"{url}#{key}", "malformed record", repr(exc))

@@ -154,6 +154,8 @@ def instruction_conversations(
 
 def format_coords(coords: Sequence[float], width: float, height: float) -> str:
     """Flat ``x, y, x, y, ...`` pixel coordinates as ``"[x, y, ...]"`` in 0..999 bins."""
+    if not (width > 0 and height > 0):
+        raise ValueError(f"an image of {width}x{height} pixels has no coordinates")
     sizes = (width, height)
     return "[" + ", ".join(str(quantise(v, sizes[i % 2])) for i, v in enumerate(coords)) + "]"
 
