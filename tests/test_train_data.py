@@ -283,6 +283,14 @@ def test_stage1_reads_every_record_of_the_export(shards):
     assert answers["img001"] == "a detailed view of photo 1" and answers["img003"] == "photo 3"
 
 
+def test_shards_may_be_given_as_a_glob_or_brace_range(shards):
+    folder = shards[0].rsplit("/", 1)[0]
+    everything = sorted(i for i, _, _ in stream(shards))
+    assert sorted(i for i, _, _ in stream([folder + "/*.tar"])) == everything
+    first_unit = stream([folder + "/u000-{00000..00001}.tar"])
+    assert sorted(i for i, _, _ in first_unit) == everything[:UNIT]
+
+
 def test_stream_is_fixed_by_seed_and_epoch(shards):
     assert stream(shards, epoch=0) == stream(shards, epoch=0)
     first = [i for i, _, _ in stream(shards, epoch=0)]
