@@ -48,7 +48,9 @@ class _ModelSource(_Section):
 
 
 class VisionTowerConfig(_ModelSource):
-    checkpoint: str | None = "microsoft/Florence-2-large"
+    # The checkpoint in transformers' native Florence-2 format (microsoft/Florence-2-* are
+    # remote-code checkpoints that Florence2ForConditionalGeneration does not load).
+    checkpoint: str | None = "florence-community/Florence-2-large"
     # Breadth features: the Florence-2 encoder's last hidden state over the image tokens
     # under each of these task prompts (Florence-VL: detailed caption, OCR, dense region
     # caption). The depth feature (DaViT's projected image features) always comes first.
