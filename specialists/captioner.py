@@ -110,7 +110,7 @@ class CaptionerSpecialist(Specialist):
         images = [item.image for item in batch]
         with torch.inference_mode():
             for kind in self.kinds:
-                for result, (text, score) in zip(results, self._caption(images, kind), strict=True):
+                for result, (text, score) in zip(results, self.caption(images, kind), strict=True):
                     # An empty generation (the model ended at once) is no caption.
                     if text:
                         result.captions[kind] = Caption(text, source="", score=score)
@@ -131,8 +131,10 @@ class CaptionerSpecialist(Specialist):
         # BatchFeature.to casts floating tensors (pixels) only; token ids stay integers.
         return inputs.to(self.device, dtype=self._model.dtype)
 
-    def _caption(self, images: list[Image.Image], kind: str) -> list[tuple[str, float]]:
-        """(caption, score) per image; the caption is "" when nothing was generated."""
+    def caption(self, images: list[Image.Image], kind: str) -> list[tuple[str, float]]:
+        """(caption, score) per image, for a ``kind`` this captioner was configured with;
+        the caption is "" when nothing was generated. Call under ``torch.inference_mode``
+        after ``setup()``; ``images`` is one generation batch."""
         import torch
 
         generated, log_probs = self.generate_scored(
