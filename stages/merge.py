@@ -11,13 +11,25 @@ The rule, per image (``merge.iou`` is the match threshold):
   region has none (a box-prompted segmenter on a human box), the kept region takes them.
 - Phrases keep their text and span; their region indices are remapped to the kept
   region each of their regions became.
+- Region texts (from the specialists that produce ``region_text``, e.g.
+  specialists/region_text.py) add no region: each is matched one to one, greedily in
+  descending IoU, to a kept region of the same kind with IoU >= ``merge.iou`` (the box
+  it was computed on matches it with IoU 1) and replaces that region's text, except on
+  a human label, whose text is never replaced. With several such specialists the first
+  listed in the config that matches a region gives its text. Everything else about the
+  region (box, score, polygons, ``source``, ``round``) stays the box's: the score still
+  judges the box, and ``source`` names who found it. The text's lineage is the region
+  text specialist's output in ``rounds/rNNN/annotate/<name>/`` (the same box with the
+  text, its source and score), and the summary counts ``region: text from <name>``.
 Every kept annotation keeps its own lineage (``source``, ``round``). Nothing is lost: the
-specialists' full outputs stay in ``rounds/rNNN/annotate/``.
+specialists' full outputs stay in ``rounds/rNNN/annotate/``, and every annotation merge
+does not keep is counted by reason.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -27,7 +39,8 @@ from engine.execution import StageError, run_units
 from engine.records import RECORD_SCHEMA, ImageRecord, Region, records_from_table, records_to_table
 from engine.store import Store, kept_image_ids_by_unit, round_dataset
 from engine.summary import StageSummary
-from filters.regions import boxes_array, pairwise_iou
+from filters.regions import boxes_array, match_regions, pairwise_iou
+from specialists import build_specialist
 from stages.annotate import annotate_dataset
 
 MANIFEST = "manifest"
@@ -47,14 +60,23 @@ class MergeUnit:
     sources: tuple[str, ...]
     out: str
     config: MergeConfig
+    # (name, dataset) of the specialists producing region texts, in config order.
+    region_texts: tuple[tuple[str, str], ...] = ()
 
 
 def run_merge(store: Store, config: EngineConfig, round_number: int) -> StageSummary:
-    sources = tuple(annotate_dataset(round_number, s.name) for s in config.annotate.specialists)
+    sources, region_texts = [], []
+    for spec in config.annotate.specialists:
+        dataset = annotate_dataset(round_number, spec.name)
+        # Constructors are cheap by contract; an instance also knows what options decide.
+        if "region_text" in build_specialist(spec).produces:
+            region_texts.append((spec.name, dataset))
+        else:
+            sources.append(dataset)
     units = kept_image_ids_by_unit(store)
     missing = [
         f"{dataset} has not committed unit {unit}"
-        for dataset in sources
+        for dataset in [*sources, *(dataset for _, dataset in region_texts)]
         for unit in units
         if not store.is_committed(dataset, unit)
     ]
@@ -64,7 +86,8 @@ def run_merge(store: Store, config: EngineConfig, round_number: int) -> StageSum
         raise StageError(f"merge: run annotate first ({len(missing)} missing): {missing[0]}")
     out = merged_dataset(round_number)
     work = [
-        MergeUnit(key, store.url, ids, sources, out, config.merge) for key, ids in units.items()
+        MergeUnit(key, store.url, ids, tuple(sources), out, config.merge, tuple(region_texts))
+        for key, ids in units.items()
     ]
     summary = run_units(
         "merge",
@@ -83,8 +106,34 @@ def merge_unit(unit: MergeUnit) -> StageSummary:
     wanted = set(unit.image_ids)
     manifest = store.read_unit(MANIFEST, unit.key, columns=RECORD_SCHEMA.names)
     records = {r.image_id: r for r in records_from_table(manifest) if r.image_id in wanted}
-    outputs: dict[str, list[ImageRecord]] = {image_id: [] for image_id in records}
-    for dataset in unit.sources:
+    outputs = _read_outputs(store, unit, unit.sources, set(records), summary)
+    texts = _read_outputs(store, unit, [d for _, d in unit.region_texts], set(records), summary)
+    names = [name for name, _ in unit.region_texts]
+    merged = []
+    for image_id, record in records.items():
+        summary.inputs += 1
+        region_texts = [(names[k], out) for k, out in texts[image_id] if out is not None]
+        merged.append(
+            merge_record(
+                record,
+                [out for _, out in outputs[image_id] if out is not None],
+                unit.config.iou,
+                summary.dropped,
+                region_texts,
+            )
+        )
+    summary.outputs = len(merged)
+    store.commit_unit(unit.key, {unit.out: records_to_table(merged)})
+    return summary
+
+
+def _read_outputs(
+    store: Store, unit: MergeUnit, datasets: Sequence[str], wanted: set[str], summary: StageSummary
+) -> dict[str, list[tuple[int, ImageRecord | None]]]:
+    """Per image id: (index into ``datasets``, that specialist's output, or None where it
+    failed on the image, which is counted)."""
+    outputs: dict[str, list[tuple[int, ImageRecord | None]]] = {i: [] for i in wanted}
+    for index, dataset in enumerate(datasets):
         table = store.read_unit(dataset, unit.key)
         errors = table.column("error").to_pylist()
         for record, error in zip(records_from_table(table), errors, strict=True):
@@ -92,21 +141,22 @@ def merge_unit(unit: MergeUnit) -> StageSummary:
                 continue
             if error is not None:
                 summary.dropped["specialist failed on the image"] += 1
-                continue
-            outputs[record.image_id].append(record)
-    merged = []
-    for image_id, record in records.items():
-        summary.inputs += 1
-        merged.append(merge_record(record, outputs[image_id], unit.config.iou, summary.dropped))
-    summary.outputs = len(merged)
-    store.commit_unit(unit.key, {unit.out: records_to_table(merged)})
-    return summary
+            outputs[record.image_id].append((index, record if error is None else None))
+    return outputs
 
 
 def merge_record(
-    base: ImageRecord, outputs: list[ImageRecord], iou: float, dropped: Counter[str]
+    base: ImageRecord,
+    outputs: list[ImageRecord],
+    iou: float,
+    dropped: Counter[str],
+    region_texts: Sequence[tuple[str, ImageRecord]] = (),
 ) -> ImageRecord:
-    """``base`` (the manifest record, with human labels) merged with specialist outputs."""
+    """``base`` (the manifest record, with human labels) merged with specialist outputs.
+
+    ``region_texts``: (specialist name, its output for this image) of the specialists
+    that produce region texts, in config order; they change texts, never add regions.
+    """
     captions = dict(base.captions)
     for kind in {k for out in outputs for k in out.captions}:
         if kind in captions:
@@ -154,7 +204,40 @@ def merge_record(
         for phrase in out.phrases:
             phrase.regions = [placed[(out_index, index)] for index in phrase.regions]
             phrases.append(phrase)
+    _apply_region_texts(regions, region_texts, iou, dropped)
     return replace(base, captions=captions, regions=regions, phrases=phrases)
+
+
+def _apply_region_texts(
+    regions: list[Region],
+    region_texts: Sequence[tuple[str, ImageRecord]],
+    iou: float,
+    dropped: Counter[str],
+) -> None:
+    """Write region texts onto the matching ``regions``, in place (see the module rule)."""
+    named: set[int] = set()  # regions that already took a region text
+    for name, output in region_texts:
+        pairs = match_regions(output.regions, regions, iou)
+        for text_index, index in pairs:
+            kept = regions[index]
+            if kept.source.startswith(HUMAN_PREFIX):
+                dropped["region text: human label kept"] += 1
+            elif index in named:
+                dropped["region text: an earlier specialist's text kept"] += 1
+            else:
+                regions[index] = replace(kept, text=output.regions[text_index].text)
+                named.add(index)
+                dropped[f"region: text from {name}"] += 1
+        matched = {text_index for text_index, _ in pairs}
+        for text_index, text in enumerate(output.regions):
+            if text_index in matched:
+                continue
+            if _best_match(text, regions, iou) is None:
+                dropped["region text: no matching region"] += 1
+            else:
+                # Its box was a duplicate, merged into a region that took the text
+                # computed on that region's own box.
+                dropped["region text: a closer box's text kept"] += 1
 
 
 def _best_match(region: Region, kept: list[Region], iou: float) -> int | None:

@@ -100,3 +100,55 @@ def test_merge_stage_after_annotate(tmp_path, ray_cluster):
         assert record.regions[record.phrases[0].regions[0]].box == (0, 0, width, 40)
     sources = [r.source for r in merged[51].regions]
     assert sources[0] == "human:coco" and sources[1].startswith("ground:")
+
+
+def test_region_texts_replace_specialist_texts_never_human_labels():
+    human = image(regions=[Region((10, 10, 60, 60), "cat", "object", "human:coco")])
+    detector = image(
+        regions=[
+            Region((100, 20, 150, 80), "dog", "object", "det", score=0.7),
+            Region((101, 21, 150, 80), "dog", "object", "det", score=0.4),  # its duplicate
+            Region((20, 70, 40, 90), "ball", "object", "det", score=0.6),
+            Region((100, 20, 150, 80), "EXIT", "ocr", "det", score=0.9),
+        ]
+    )
+    # One text per object box the region-text specialists saw, on that very box.
+    first = image(
+        regions=[
+            Region((10, 10, 60, 60), "tabby cat", "object", "rt", score=0.9),
+            Region((100, 20, 150, 80), "brown dog", "object", "rt", score=0.7),
+            Region((101, 21, 150, 80), "small dog", "object", "rt", score=0.4),
+            Region((170, 0, 200, 10), "kite", "object", "rt", score=0.5),  # no such box
+        ]
+    )
+    second = image(
+        regions=[
+            Region((100, 20, 150, 80), "puppy", "object", "rt2", score=0.8),
+            Region((20, 70, 40, 90), "red ball", "object", "rt2", score=0.6),
+        ]
+    )
+    dropped = Counter()
+    merged = merge_record(
+        human, [detector], iou=0.7, dropped=dropped, region_texts=[("rt", first), ("rt2", second)]
+    )
+    assert [(r.text, r.kind, r.source, r.score) for r in merged.regions] == [
+        ("cat", "object", "human:coco", None),  # a human label's text is never replaced
+        ("EXIT", "ocr", "det", 0.9),  # not an object: no region text matches it
+        ("brown dog", "object", "det", 0.7),  # the text on its own box; box lineage kept
+        ("red ball", "object", "det", 0.6),  # the only specialist with a text for it
+    ]
+    assert merged.regions[2].box == (100, 20, 150, 80)
+    assert dropped == Counter(
+        {
+            "region: duplicate of a higher-scored region": 1,
+            "region: text from rt": 1,
+            "region: text from rt2": 1,
+            "region text: human label kept": 1,
+            "region text: a closer box's text kept": 1,
+            "region text: no matching region": 1,
+            "region text: an earlier specialist's text kept": 1,
+        }
+    )
+    # Every region text is either written onto a region or counted.
+    texts = sum(v for k, v in dropped.items() if k.startswith(("region text:", "region: text")))
+    assert texts == len(first.regions) + len(second.regions)
