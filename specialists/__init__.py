@@ -22,6 +22,7 @@ KINDS = {
     "grounding_dino": "specialists.grounding_dino:GroundingDINOSpecialist",
     "owlv2": "specialists.owlv2:OWLv2Specialist",
     "rapidocr": "specialists.rapidocr:RapidOCRSpecialist",
+    "region_text": "specialists.region_text:RegionTextSpecialist",
     "sam": "specialists.sam:SAMSpecialist",
     # CPU specialists for the generated demo world (engine/world.py): no weights.
     "world_captions": "specialists.world_text:TemplateCaptioner",

@@ -58,3 +58,19 @@ class FirstWordGrounder(Specialist):
                 phrases.append(Phrase(kind, 0, len(word), word, [len(regions) - 1], source=""))
             out.append(Annotations(regions=regions, phrases=phrases))
         return out
+
+
+class QuarterDetector(Specialist):
+    """Finds one "thing" in the top-left quarter of every image, with score 0.5."""
+
+    produces = frozenset({"objects"})
+
+    def setup(self) -> None:
+        pass
+
+    def annotate(self, batch: list[SpecialistInput]) -> list[Annotations]:
+        out = []
+        for item in batch:
+            box = (0.0, 0.0, item.image.width / 2, item.image.height / 2)
+            out.append(Annotations(regions=[Region(box, "thing", "object", "", score=0.5)]))
+        return out

@@ -4,7 +4,8 @@ Each builder writes a model and its processor with ``save_pretrained`` into a fo
 so a specialist loads it by local path exactly as it would load a hub checkpoint.
 Tokenizers are the classes the released checkpoints use, trained here on a few
 sentences: WordPiece for BLIP (BERT's), byte-level BPE for the OPT and Llama language
-models. Seeds are fixed, so a builder always writes the same weights.
+models; CLIP's is character-level. Seeds are fixed, so a builder always writes the same
+weights.
 """
 
 from __future__ import annotations
@@ -23,7 +24,11 @@ from transformers import (
     BlipForConditionalGeneration,
     BlipImageProcessor,
     BlipProcessor,
+    CLIPConfig,
     CLIPImageProcessor,
+    CLIPModel,
+    CLIPProcessor,
+    CLIPTokenizer,
     GPT2Tokenizer,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -88,6 +93,19 @@ def _byte_level_bpe(special_tokens: list[str]) -> tuple[dict[str, int], list[tup
     return model["vocab"], [tuple(merge) for merge in model["merges"]]
 
 
+def _clip_tokenizer() -> CLIPTokenizer:
+    """CLIP's tokenizer over single characters: every byte-level symbol, alone and
+    word-final (``</w>``), with no merges. Unlike a trained vocabulary, whose ties fall
+    differently from run to run, the ids are the same in every process, so a seeded
+    model embeds each text the same way every time."""
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    symbols = [*specials, *alphabet, *(f"{c}</w>" for c in alphabet)]
+    vocab = {symbol: index for index, symbol in enumerate(symbols)}
+    # CLIP's context is 77 tokens; 32 characters hold the short texts of the tests.
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=32)
+
+
 def _opt_style_tokenizer(**special: str) -> GPT2Tokenizer:
     """Byte-level BPE with OPT's special tokens at OPT's ids: <s>=0 <pad>=1 </s>=2 <unk>=3."""
     vocab, merges = _byte_level_bpe(["<s>", "<pad>", "</s>", "<unk>"])
@@ -138,8 +156,10 @@ def build_sam(path: Path) -> Path:
     return path
 
 
-def build_blip(path: Path, always_stop: bool = False) -> Path:
-    """BLIP captioning; ``always_stop`` makes the decoder end every caption at once."""
+def build_blip(path: Path, always_stop: bool = False, always_say: str | None = None) -> Path:
+    """BLIP captioning; ``always_stop`` makes the decoder end every caption at once,
+    ``always_say`` (a word of ``CORPUS``) makes it write that word at every step, so a
+    caption is known in advance whatever the vocabulary's training made of the ids."""
     torch.manual_seed(0)
     vocab = _wordpiece_vocab(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"])
     tokenizer = BertTokenizer(vocab=vocab, bos_token="[DEC]")
@@ -157,9 +177,12 @@ def build_blip(path: Path, always_stop: bool = False) -> Path:
     }
     config = BlipConfig(text_config=text, vision_config=_SMALL_VISION, projection_dim=32)
     model = BlipForConditionalGeneration(config)
-    if always_stop:
-        with torch.no_grad():
-            model.text_decoder.cls.predictions.bias[tokenizer.sep_token_id] = 1e4
+    bias = {tokenizer.sep_token_id: 1e4} if always_stop else {}
+    if always_say is not None:
+        bias[tokenizer.convert_tokens_to_ids(always_say)] = 1e4
+    with torch.no_grad():
+        for token, value in bias.items():
+            model.text_decoder.cls.predictions.bias[token] = value
     model.save_pretrained(path)
     image_processor = BlipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
     BlipProcessor(image_processor, tokenizer).save_pretrained(path)
@@ -239,4 +262,27 @@ def build_llava(path: Path) -> Path:
     )
     LlavaForConditionalGeneration(config).save_pretrained(path)
     processor.save_pretrained(path)
+    return path
+
+
+def build_clip(path: Path) -> Path:
+    """CLIP with 16-dimensional image and text embeddings; texts of up to 16 tokens."""
+    torch.manual_seed(0)
+    tokenizer = _clip_tokenizer()
+    text = {
+        **_SMALL,
+        "num_attention_heads": 2,
+        "vocab_size": len(tokenizer),
+        "max_position_embeddings": tokenizer.model_max_length,
+        # The text embedding is read at the end token: its id must be the tokenizer's.
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    config = CLIPConfig(text_config=text, vision_config=_SMALL_VISION, projection_dim=16)
+    CLIPModel(config).save_pretrained(path)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
+    CLIPProcessor(image_processor, tokenizer).save_pretrained(path)
     return path
