@@ -32,7 +32,8 @@ Metrics, each over all truth images:
   becomes a set of lower-case words as written ("circle" and "circles" differ).
   Precision = sum over images of |pred & true| / sum of |pred|; recall = the same over
   sum of |true|. An image whose prediction lacks that kind contributes its true words
-  to recall only.
+  to recall only. A caption's stored statistics (``Caption.stats``, from the filter
+  stage's parse) are used as they are; only captions without them are parsed.
 - **grounding** (``Accuracy``): for each true phrase, the best predicted phrase of the
   same caption kind whose text is equal (case-insensitive) or whose span overlaps;
   ranked by equal text, then overlapping characters, then nearest start. The true
@@ -354,14 +355,18 @@ def _mean(values: np.ndarray) -> float | None:
 def _caption_scores(pairs: Pairs, nlp: Language) -> dict[str, CaptionScores]:
     scores = {}
     for kind in CAPTION_KINDS:
-        compared = [(t.caption_text(kind), p.caption_text(kind) if p else None) for t, p in pairs]
+        compared = [(t.captions.get(kind), p.captions.get(kind) if p else None) for t, p in pairs]
         compared = [(t, p) for t, p in compared if t is not None]
         if not compared:
             continue
-        texts = [t for t, _ in compared] + [p for _, p in compared if p is not None]
-        parsed = iter(text_stats(nlp, texts))
-        true_stats = [next(parsed) for _ in compared]
-        predicted_stats = [next(parsed) if p is not None else None for _, p in compared]
+        captions = [c for c, _ in compared] + [c for _, c in compared if c is not None]
+        # Statistics the filter stage stored beside a caption are the same function's
+        # output (filters.text.text_stats); only captions without them are parsed here.
+        unparsed = [c.text for c in captions if c.stats is None]
+        parsed = iter(text_stats(nlp, unparsed))
+        stats = iter([c.stats if c.stats is not None else next(parsed) for c in captions])
+        true_stats = [next(stats) for _ in compared]
+        predicted_stats = [next(stats) if c is not None else None for _, c in compared]
         counts = {name: Counter() for name in ("objects", "attributes")}
         for true, predicted in zip(true_stats, predicted_stats, strict=True):
             for name, count in counts.items():

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from engine.records import ImageRecord, Region
+from engine.records import ImageRecord, Region, TextStats
 from engine.world import generate_world, load_truth
 from filters.text import load_pipeline, text_stats
 from refinement.evaluation import evaluate
@@ -64,6 +64,21 @@ def test_truth_against_itself_scores_one_everywhere(truth, nlp):
     table = result.table()
     assert "boxes" in table and "more_detailed" in table and "OCR" in table
     assert json.loads(json.dumps(result.to_dict()))["ocr"]["accuracy"] == 1.0
+
+
+def test_stored_caption_statistics_are_used_without_parsing(truth, nlp):
+    """Stored statistics stand for the caption's parse: emptied ones find no objects."""
+    records = _records(truth)
+    empty = TextStats(objects=[], attributes=[], actions=[])
+    predictions = [
+        dataclasses.replace(
+            r,
+            captions={k: dataclasses.replace(c, stats=empty) for k, c in r.captions.items()},
+        )
+        for r in records
+    ]
+    for scores in evaluate(predictions, truth, nlp).captions.values():
+        assert scores.object_recall == 0.0 and scores.object_precision is None
 
 
 def test_half_the_boxes_limit_recall(truth):
