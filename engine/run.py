@@ -2,12 +2,16 @@
 
 Everything that can be checked before work starts is checked first (config, store,
 inputs, round), each failure as one line on stderr and exit status 2. Then the
-stages run on Ray, each printing progress and a summary.
+stages run on Ray, each printing progress and a summary. ``--stage train`` runs the
+Florence-VL trainer (engine/train/recipe.py) without Ray: in this process, or in each
+rank that ``torchrun`` starts, rank 0 printing.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -26,7 +30,8 @@ from stages.report import run_report
 
 # The stages this build runs, in pipeline order; "all" runs them as one round.
 PIPELINE = ("ingest", "annotate", "merge", "filter", "export", "report")
-STAGES = (*PIPELINE, "all")
+# The trainer consumes a round's shards; it is not part of a round.
+STAGES = (*PIPELINE, "train", "all")
 
 
 class UsageError(Exception):
@@ -70,27 +75,62 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_intermixed_args(argv)
         config = load_config(args.config, args.overrides)
-        store = open_store(args.store or config.store)
-        round_number = resolve_round(args.round, store)
-        stages = PIPELINE if args.stage == "all" else (args.stage,)
-        steps = plan_steps(stages, store, config, args.input, round_number)
+        if args.stage == "train":
+            steps = [plan_train(config, args.store, args.round, args.input)]
+            session = contextlib.nullcontext()
+        else:
+            store = open_store(args.store or config.store)
+            round_number = resolve_round(args.round, store)
+            stages = PIPELINE if args.stage == "all" else (args.stage,)
+            steps = plan_steps(stages, store, config, args.input, round_number)
+            session = ray_session(config.ray)
     except (UsageError, ConfigError, StoreError, InputError) as exc:
         print(f"engine.run: error: {exc}", file=sys.stderr)
         return 2
 
+    # Under torchrun every rank runs this; one of them reports.
+    report = int(os.environ.get("RANK", "0")) == 0
     started = time.perf_counter()
     summaries = []
     try:
-        with ray_session(config.ray):
+        with session:
             for step in steps:
                 summary = step()
                 summaries.append(summary)
-                print(summary.format(), flush=True)
+                if report:
+                    print(summary.format(), flush=True)
     except StageError as exc:
         print(f"engine.run: error: {exc}", file=sys.stderr)
         return 1
-    print(f"done in {time.perf_counter() - started:.1f}s: {', '.join(s.stage for s in summaries)}")
+    if report:
+        names = ", ".join(s.stage for s in summaries)
+        print(f"done in {time.perf_counter() - started:.1f}s: {names}")
     return 0
+
+
+def plan_train(
+    config: EngineConfig, store_url: str | None, round_value: str | None, inputs: list[str]
+) -> Callable[[], StageSummary]:
+    """The trainer as one step: shards and output resolved (and checked) before it starts.
+
+    The store is needed only for what the ``train`` section leaves unset: the shards
+    (default: the round's export) and the output (default: ``<store>/florence_vl``).
+    """
+    # Imported here: only this stage pays for torch and transformers at start-up.
+    from engine.train.recipe import TrainInputError, train, training_inputs
+
+    if inputs:
+        raise UsageError("--input is only used by --stage ingest or all")
+    if round_value is not None and not round_value.isdigit():
+        raise UsageError(f"--round must be a number for train, not {round_value!r}")
+    url = store_url or config.store
+    store = open_store(url) if url else None
+    round_number = int(round_value) if round_value is not None else None
+    try:
+        shards, output = training_inputs(config.train, store, round_number)
+    except TrainInputError as exc:
+        raise UsageError(str(exc)) from exc
+    return lambda: train(config.train, shards, output)
 
 
 def open_store(url: str | None) -> Store:

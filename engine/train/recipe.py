@@ -1,0 +1,542 @@
+"""The Florence-VL training recipe: stage 1 (whole model) then stage 2 (vision tower frozen).
+
+Reads top to bottom, like a torchtune recipe: ``setup`` (ranks, model, resume point),
+``train`` (per stage: optimiser, schedule, data stream, loop, image-reliance check),
+``save_checkpoint`` and ``cleanup``. One code path serves one process on a CPU or GPU
+and data-parallel ranks under ``torchrun`` (nanoGPT's rule: ``RANK`` in the environment
+means DDP; gloo on CPU, nccl on GPU; rank 0 logs and saves).
+
+- Optimiser: AdamW over the trainable parameters of the stage, fresh for each stage (the
+  trainable set changes). Schedule: linear warmup over ``warmup_steps``, then cosine
+  decay to zero at the stage's last step (LLaVA's and Florence-VL's schedule).
+- Loss: the model's mean over answer tokens per micro-batch, divided by ``grad_accum``,
+  so a step's gradient is the mean of its micro-batches' means.
+- Precision: ``auto`` = bf16 autocast on a GPU that supports it, fp32 otherwise; weights
+  and optimiser state stay fp32 either way.
+- Checkpoints (every ``save_every`` steps and at each stage's end, engine/train/
+  checkpoint.py) hold the model, optimiser, scheduler, step, stage, every rank's data
+  position (epoch + conversations consumed) and RNG states, committed by a marker
+  written last. A run started again resumes from the latest committed checkpoint: each
+  rank re-creates its data stream for (seed, epoch), skips what it had consumed and
+  restores its RNG, so the losses are those of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import os
+import posixpath
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from engine.store import Store
+from engine.summary import StageSummary
+from engine.train.checkpoint import (
+    STAGE_ORDER,
+    latest_checkpoint,
+    load_file,
+    parse_checkpoint_name,
+    prune_checkpoints,
+    rng_state,
+    set_rng_state,
+    write_checkpoint,
+)
+from engine.train.config import TrainConfig, TrainDataConfig, TrainStageConfig
+from engine.train.data import (
+    IGNORE_INDEX,
+    Conversation,
+    EncodedSample,
+    collate,
+    encode_conversation,
+    read_conversations,
+)
+from engine.train.model import build_florence_vl
+
+
+class TrainInputError(ValueError):
+    """The shards or the output cannot be resolved; raised before any work."""
+
+
+def training_inputs(
+    config: TrainConfig, store: Store | None, round_number: int | None
+) -> tuple[list[str], str]:
+    """The shards to read and the output URL, from the config or else from the store.
+
+    Shards default to the export of ``round_number`` (None = the latest exported round,
+    the highest ``shards/rNNN`` with an ``_index.json``); output defaults to
+    ``<store>/florence_vl``.
+    """
+    if store is None and (not config.data.shards or config.output is None):
+        raise TrainInputError("train needs --store, or both train.data.shards and train.output")
+    output = config.output or posixpath.join(store.url.rstrip("/"), "florence_vl")
+    if config.data.shards:
+        return list(config.data.shards), output
+    rounds = _exported_rounds(store)
+    if not rounds:
+        raise TrainInputError(f"store {store.url!r} has no exported shards; run --stage export")
+    chosen = rounds[-1] if round_number is None else round_number
+    if chosen not in rounds:
+        raise TrainInputError(f"round {chosen} has no exported shards; exported: {rounds}")
+    with store.fs.open(store.path(f"shards/r{chosen:03d}/_index.json")) as f:
+        shards = json.load(f)["shards"]
+    if not shards:
+        raise TrainInputError(f"round {chosen}'s export has no shards")
+    return shards, output
+
+
+def _exported_rounds(store: Store) -> list[int]:
+    base = store.path("shards")
+    if not store.fs.exists(base):
+        return []
+    names = (posixpath.basename(p.rstrip("/")) for p in store.fs.ls(base, detail=False))
+    return sorted(
+        int(name[1:])
+        for name in names
+        if name.startswith("r")
+        and name[1:].isdigit()
+        and store.fs.exists(posixpath.join(base, name, "_index.json"))
+    )
+
+
+def train(config: TrainConfig, shards: list[str], output: str) -> StageSummary:
+    """Run the configured stages, resuming from the latest checkpoint under ``output``."""
+    recipe = FlorenceVLRecipe(config, shards, output)
+    recipe.setup()
+    try:
+        return recipe.train()
+    finally:
+        recipe.cleanup()
+
+
+# ---------------------------------------------------------------------------- ranks
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """Where this process sits: ``torchrun`` sets RANK, WORLD_SIZE and LOCAL_RANK."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def ddp(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_ranks() -> Ranks:
+    """Join the process group when started by torchrun; else one process, GPU if any."""
+    cuda = torch.cuda.is_available()
+    if int(os.environ.get("RANK", -1)) == -1:
+        return Ranks(0, 0, 1, torch.device("cuda" if cuda else "cpu"))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return Ranks(dist.get_rank(), local_rank, dist.get_world_size(), device)
+
+
+# ---------------------------------------------------------------------------- data
+
+
+@dataclass
+class DataPosition:
+    """Where a rank's stream is: the epoch and the conversations consumed in it."""
+
+    epoch: int = 0
+    consumed: int = 0
+
+
+def is_held_out(image_id: str, fraction: float) -> bool:
+    """The same images on every rank and run: a hash of the id, not a random draw."""
+    digest = int(hashlib.sha256(image_id.encode()).hexdigest()[:8], 16)
+    return digest < fraction * 2**32
+
+
+class ConversationStream:
+    """One rank's endless stream of training conversations of a stage, epoch after epoch.
+
+    Each epoch is ``read_conversations`` for (seed, epoch), deterministic, so a stream
+    re-created at a saved position and fast-forwarded gives the same conversations as
+    one that never stopped. Held-out images are skipped.
+    """
+
+    def __init__(
+        self,
+        shards: list[str],
+        stage: str,
+        data: TrainDataConfig,
+        seed: int,
+        ranks: Ranks,
+        position: DataPosition,
+    ) -> None:
+        self.shards, self.stage, self.data, self.seed = shards, stage, data, seed
+        self.ranks = ranks
+        self.position = DataPosition(position.epoch, position.consumed)
+        self._epoch = self._open(self.position.epoch, skip=self.position.consumed)
+
+    def _open(self, epoch: int, skip: int) -> Iterator[Conversation]:
+        conversations = read_conversations(
+            self.shards,
+            self.stage,
+            self.data,
+            seed=self.seed,
+            epoch=epoch,
+            rank=self.ranks.rank,
+            world_size=self.ranks.world_size,
+        )
+        kept = (c for c in conversations if not is_held_out(c.image_id, self.data.holdout_fraction))
+        return itertools.islice(kept, skip, None)
+
+    def __iter__(self) -> Iterator[Conversation]:
+        return self
+
+    def __next__(self) -> Conversation:
+        conversation = next(self._epoch, None)
+        if conversation is None:  # the epoch is over: the next one, reshuffled
+            self.position = DataPosition(self.position.epoch + 1, 0)
+            self._epoch = self._open(self.position.epoch, skip=0)
+            conversation = next(self._epoch, None)
+            if conversation is None:
+                raise RuntimeError(
+                    f"{self.stage}: no training conversations for rank {self.ranks.rank} "
+                    f"in {len(self.shards)} shard(s)"
+                )
+        self.position.consumed += 1
+        return conversation
+
+
+def held_out_batch(
+    shards: list[str], stage: str, data: TrainDataConfig, seed: int, size: int
+) -> list[Conversation]:
+    """Up to ``size`` held-out conversations of a stage, each of a different image."""
+    if data.holdout_fraction == 0:
+        return []
+    batch: dict[str, Conversation] = {}
+    for conversation in read_conversations(shards, stage, data, seed=seed, epoch=0):
+        if is_held_out(conversation.image_id, data.holdout_fraction):
+            batch.setdefault(conversation.image_id, conversation)
+            if len(batch) == size:
+                break
+    return list(batch.values())
+
+
+# ---------------------------------------------------------------------------- schedule
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Linear warmup from 1/warmup to 1, then cosine from 1 down to 0 at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ---------------------------------------------------------------------------- the recipe
+
+
+@dataclass
+class StepLog:
+    stage: str
+    step: int  # optimiser steps done in the stage, this one included
+    loss: float  # mean of the step's micro-batch losses on this rank
+    lr: float
+
+
+@dataclass
+class ImageCheck:
+    """Held-out loss with the true images and with the images shuffled across the batch."""
+
+    stage: str
+    samples: int
+    true_images: float
+    shuffled_images: float
+
+
+@dataclass
+class _Resume:
+    stage: str
+    step: int
+    url: str
+    trainer: dict = field(default_factory=dict)
+
+
+class FlorenceVLRecipe:
+    """Two-stage Florence-VL training on one device or as one of many DDP ranks.
+
+    ``setup()`` joins the ranks, builds the model and finds the resume point;
+    ``train()`` runs the configured stages; ``cleanup()`` leaves the process group.
+    ``stop_after`` ends ``train()`` after that many optimiser steps in this process
+    (a job with a time limit), without a checkpoint: the next run resumes from the
+    last one saved. ``history`` holds every step's loss; ``image_checks`` the
+    end-of-stage image-reliance checks.
+    """
+
+    def __init__(
+        self, config: TrainConfig, shards: list[str], output: str, *, stop_after: int | None = None
+    ) -> None:
+        self.config, self.shards, self.output = config, shards, output
+        self.stop_after = stop_after
+        self.history: list[StepLog] = []
+        self.image_checks: list[ImageCheck] = []
+
+    # ------------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        self.ranks = setup_ranks()
+        cfg = self.config
+        # Same initial weights on every rank (DDP also broadcasts rank 0's at wrapping).
+        torch.manual_seed(cfg.seed)
+        self.model, self.processor = build_florence_vl(cfg)
+        self.model.to(self.ranks.device)
+        self.autocast = self._autocast()
+
+        self.resume: _Resume | None = None
+        url = latest_checkpoint(self.output)
+        if url is not None:
+            stage, step = parse_checkpoint_name(posixpath.basename(url))
+            trainer = load_file(url, "trainer.pt")
+            if trainer["world_size"] != self.ranks.world_size:
+                raise RuntimeError(
+                    f"checkpoint {url} was written by {trainer['world_size']} rank(s); "
+                    f"resume it with the same number (now {self.ranks.world_size})"
+                )
+            self.model.load_state_dict(load_file(url, "model.pt"))
+            self.resume = _Resume(stage, step, url, trainer)
+            self.log(f"[train] resuming from {url}")
+        # Dropout and any sampling differ per rank, as each rank sees different data.
+        torch.manual_seed(cfg.seed + self.ranks.rank)
+
+    def _autocast(self):
+        precision = self.config.precision
+        device = self.ranks.device
+        if precision == "auto":
+            cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+            precision = "bf16" if cuda_bf16 else "fp32"
+        if precision == "fp32":
+            return nullcontext
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+    # ------------------------------------------------------------------------ train
+
+    def train(self) -> StageSummary:
+        started = time.perf_counter()
+        self.steps_run = self.samples_run = 0
+        for stage in self.config.stages:
+            settings: TrainStageConfig = getattr(self.config, stage)
+            start_step, position = 0, DataPosition()
+            if self.resume is not None:
+                order = STAGE_ORDER.index(stage) - STAGE_ORDER.index(self.resume.stage)
+                if order < 0 or (order == 0 and self.resume.step >= settings.steps):
+                    continue  # this stage was finished by an earlier run
+                if order == 0:
+                    start_step = self.resume.step
+                    position = DataPosition(**self.resume.trainer["data"][self.ranks.rank])
+            if not self.train_stage(stage, settings, start_step, position):
+                break
+        summary = StageSummary("train", inputs=self.samples_run, outputs=self.steps_run)
+        summary.seconds = time.perf_counter() - started
+        summary.location = self.output
+        return summary
+
+    def train_stage(
+        self, stage: str, settings: TrainStageConfig, start_step: int, position: DataPosition
+    ) -> bool:
+        """Train one stage from ``start_step``; False when ``stop_after`` ended it early."""
+        cfg, ranks = self.config, self.ranks
+        self.model.set_stage(train_vision_tower=settings.train_vision_tower)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        # DDP is wrapped per stage: it registers gradient hooks on the trainable set only.
+        model = (
+            DistributedDataParallel(
+                self.model, device_ids=[ranks.local_rank] if ranks.device.type == "cuda" else None
+            )
+            if ranks.ddp
+            else self.model
+        )
+        optimizer = torch.optim.AdamW(
+            trainable,
+            lr=settings.lr,
+            weight_decay=settings.weight_decay,
+            fused=ranks.device.type == "cuda",
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, settings.warmup_steps, settings.steps)
+        )
+        if start_step > 0:
+            trainer = self.resume.trainer
+            optimizer.load_state_dict(load_file(self.resume.url, "optimizer.pt"))
+            scheduler.load_state_dict(trainer["scheduler"])
+        if self.resume is not None:
+            # Where the interrupted run was: mid-stage, or at the end of an earlier stage.
+            set_rng_state(self.resume.trainer["rng"][ranks.rank], ranks.device)
+            self.resume = None
+        stream = ConversationStream(self.shards, stage, cfg.data, cfg.seed, ranks, position)
+        self.log(
+            f"[train] {stage}: {settings.steps} steps of {settings.batch_size} x "
+            f"{settings.grad_accum} x {ranks.world_size} rank(s), "
+            f"{sum(p.numel() for p in trainable) / 1e6:.1f}M trainable parameters"
+        )
+
+        model.train()
+        window = torch.zeros(3, device=ranks.device)  # loss sum, samples, tokens since last log
+        window_start = time.perf_counter()
+        for step in range(start_step, settings.steps):
+            step_loss = 0.0
+            for micro in range(settings.grad_accum):
+                batch = self.encode(stream, settings.batch_size)
+                if ranks.ddp:
+                    # Gradients are averaged across ranks on the last micro-step only.
+                    model.require_backward_grad_sync = micro == settings.grad_accum - 1
+                with self.autocast():
+                    loss = model(**batch).loss / settings.grad_accum
+                loss.backward()
+                # One host sync per micro-step: the per-step loss is the run's record.
+                step_loss += loss.item()
+                window[1] += len(batch["input_ids"])
+                window[2] += batch["attention_mask"].sum()
+            if settings.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            lr = optimizer.param_groups[0]["lr"]
+            self.history.append(StepLog(stage, step + 1, step_loss, lr))
+            window[0] += step_loss
+            self.steps_run += 1
+            self.samples_run += settings.batch_size * settings.grad_accum * ranks.world_size
+
+            done = step + 1
+            if done % cfg.log_every == 0 or done == settings.steps:
+                if ranks.ddp:
+                    dist.all_reduce(window)
+                steps = (done - 1) % cfg.log_every + 1
+                seconds = time.perf_counter() - window_start
+                loss_sum, samples, tokens = window.tolist()
+                self.log(
+                    f"[train] {stage} step {done}/{settings.steps}  "
+                    f"loss {loss_sum / steps / ranks.world_size:.4f}  lr {lr:.2e}  "
+                    f"{samples / seconds:.1f} samples/s  {tokens / seconds:.0f} tokens/s"
+                )
+                window.zero_()
+                window_start = time.perf_counter()
+            if done % cfg.save_every == 0 or done == settings.steps:
+                self.save_checkpoint(stage, done, optimizer, scheduler, stream.position)
+            if self.stop_after is not None and self.steps_run >= self.stop_after:
+                return False
+
+        if ranks.main:
+            self.check_image_reliance(stage, settings.batch_size)
+        return True
+
+    def encode(self, conversations: Iterable[Conversation], size: int) -> dict[str, torch.Tensor]:
+        """The next ``size`` usable conversations as model inputs on this rank's device.
+
+        A conversation cut by ``max_length`` before its first answer has nothing to learn
+        from and is passed over (its loss would be 0/0).
+        """
+        tokenizer = self.processor.tokenizer
+        samples: list[EncodedSample] = []
+        for conversation in conversations:
+            sample = encode_conversation(
+                conversation,
+                tokenizer,
+                self.processor.num_visual_tokens,
+                self.config.data.max_length,
+            )
+            if any(label != IGNORE_INDEX for label in sample.labels):
+                samples.append(sample)
+            if len(samples) == size:
+                break
+        batch = collate(samples, tokenizer.pad_token_id, self.processor.pixel_values)
+        return {k: v.to(self.ranks.device, non_blocking=True) for k, v in batch.items()}
+
+    @torch.no_grad()
+    def check_image_reliance(self, stage: str, size: int) -> ImageCheck | None:
+        """Held-out loss with the true images vs the images rolled by one across the batch.
+
+        Rolling pairs every text with another sample's image. A model that reads the
+        image scores clearly worse on the rolled batch; one that only learned the
+        captions' language scores the same.
+        """
+        cfg = self.config
+        conversations = held_out_batch(self.shards, stage, cfg.data, cfg.seed, max(2, size))
+        if len(conversations) < 2:
+            self.log(f"[train] {stage} image check: fewer than 2 held-out images, skipped")
+            return None
+        batch = self.encode(conversations, len(conversations))
+        self.model.eval()
+        with self.autocast():
+            true_loss = self.model(**batch).loss.item()
+            batch["pixel_values"] = batch["pixel_values"].roll(1, dims=0)
+            shuffled_loss = self.model(**batch).loss.item()
+        self.model.train()
+        check = ImageCheck(stage, len(conversations), true_loss, shuffled_loss)
+        self.image_checks.append(check)
+        self.log(
+            f"[train] {stage} image check on {check.samples} held-out samples: "
+            f"loss {true_loss:.4f} with their images, {shuffled_loss:.4f} with the images "
+            f"shuffled (gap {shuffled_loss - true_loss:+.4f})"
+        )
+        return check
+
+    # ------------------------------------------------------------------------ save
+
+    def save_checkpoint(
+        self,
+        stage: str,
+        step: int,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        position: DataPosition,
+    ) -> None:
+        """Rank 0 writes and commits a checkpoint; every rank must call this (gather)."""
+        mine = {"data": vars(position).copy(), "rng": rng_state(self.ranks.device)}
+        everyone = [mine]
+        if self.ranks.ddp:
+            everyone = [None] * self.ranks.world_size
+            dist.all_gather_object(everyone, mine)
+        if not self.ranks.main:
+            return
+        trainer = {
+            "stage": stage,
+            "step": step,
+            "world_size": self.ranks.world_size,
+            "scheduler": scheduler.state_dict(),
+            "data": [r["data"] for r in everyone],
+            "rng": [r["rng"] for r in everyone],
+        }
+        files = {
+            "model.pt": self.model.state_dict(),
+            "optimizer.pt": optimizer.state_dict(),
+            "trainer.pt": trainer,
+        }
+        url = write_checkpoint(self.output, stage, step, files, self.config)
+        prune_checkpoints(self.output, stage, step, getattr(self.config, stage).steps)
+        self.log(f"[train] saved {url}")
+
+    # ------------------------------------------------------------------------ cleanup
+
+    def cleanup(self) -> None:
+        if self.ranks.ddp:
+            dist.barrier()  # rank 0 may still be writing the last checkpoint
+            dist.destroy_process_group()
+
+    def log(self, line: str) -> None:
+        if self.ranks.main:
+            print(line, flush=True)
