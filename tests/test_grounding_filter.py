@@ -149,7 +149,7 @@ def test_grounding_decision():
     regions = [
         region((0, 0, 50, 50), 0.9),  # 0 "a man"
         region((0, 0, 50, 48), 0.8),  # 1 overlaps 0: suppressed in the brief caption only
-        region((60, 0, 90, 30), 0.5),  # 2 under 0.65
+        region((60, 0, 90, 30), 0.4),  # 2 under the default 0.5
         region((60, 40, 90, 70), 0.9),  # 3 linked by a banned phrase only
         region((60, 0, 90, 30), 0.85),  # 4
         region((0, 60, 10, 70), 0.1, source="det:dino"),  # 5 no phrase links it: not judged
@@ -193,7 +193,7 @@ def test_nms_reason_and_no_nms():
 
 
 def test_image_without_grounded_box():
-    regions = [region((0, 0, 50, 50), 0.6), region((60, 60, 70, 70), 0.2, source="det:dino")]
+    regions = [region((0, 0, 50, 50), 0.45), region((60, 60, 70, 70), 0.2, source="det:dino")]
     phrases = [phrase("brief", "a man", [0]), phrase("brief", "a ghost", [])]
     decision = decide_grounding(record(regions, phrases))
     assert decision.image_reason == NO_GROUNDED_BOX
@@ -206,7 +206,7 @@ def test_image_without_grounded_box():
     assert kept.regions == [regions[1]]
     assert kept.phrases == []
     # A lower threshold keeps the man.
-    assert decide_grounding(record(regions, phrases), min_score=0.5).keep
+    assert decide_grounding(record(regions, phrases), min_score=0.4).keep
     # A record with no phrases at all has nothing grounded either.
     assert decide_grounding(record(regions, [])).image_reason == NO_GROUNDED_BOX
 
