@@ -119,7 +119,7 @@ def write_inputs(folder: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine.demo", description=__doc__)
     parser.add_argument("--out", default="out/demo", help="folder for inputs and the store")
-    parser.add_argument("--world-images", type=int, default=100, help="generated images")
+    parser.add_argument("--world-images", type=int, default=300, help="generated images")
     parser.add_argument("--config", default=str(Path(__file__).parent / "configs" / "demo.yaml"))
     args = parser.parse_args(argv)
 
