@@ -104,11 +104,13 @@ def shards_of(store: Store) -> list[str]:
 
 
 # Stage 2 asks what is in a box: the answer ("red square") is decided by the image. A
-# fifth of the images is held out for the image check; lrs high for a short run.
+# fifth of the images is held out for the image check; lrs high for a short run, but not
+# for the vision tower's sake higher than 1e-3 in stage 1: at 3e-3 DaViT's features
+# collapse in some runs (the loss then ignores the image exactly, seeds 0 and 1).
 TEST_SETTINGS = {
     "data.instruction_tasks": "[region]",
     "data.holdout_fraction": 0.2,
-    "stage1.lr": 3e-3,
+    "stage1.lr": 1e-3,
     "stage2.lr": 2e-3,
 }
 
@@ -145,13 +147,14 @@ def test_loss_falls_clearly_in_both_stages(trained, stage):
 def test_model_uses_the_images(trained):
     recipe, _ = trained
     assert [c.stage for c in recipe.image_checks] == ["stage1", "stage2"]
-    check = recipe.image_checks[-1]
-    assert check.samples >= 4
-    # After both stages, rolled images put another colour and shape under most texts: the
-    # loss rises far beyond noise (measured: 0.22 -> 0.78). Stage 1 alone, at this size,
-    # only starts to use them (0.16 -> 0.32), too little to assert on every platform.
-    assert check.shuffled_images > 2 * check.true_images, check
-    assert check.shuffled_images - check.true_images > 0.25, check
+    stage1, stage2 = recipe.image_checks
+    assert stage2.samples >= 4
+    # Rolled images put another colour and shape under most texts. After both stages the
+    # loss rises far beyond noise (measured over seeds 0, 1, 2: 0.07 -> 0.66, 0.13 -> 0.51,
+    # 0.13 -> 0.55); stage 1 alone has only started to use them (gaps 0.08 to 0.14).
+    assert stage2.shuffled_images > 2 * stage2.true_images, stage2
+    assert stage2.shuffled_images - stage2.true_images > 0.25, stage2
+    assert stage1.shuffled_images - stage1.true_images > 0.03, stage1
 
 
 def test_stage2_freezes_the_vision_tower_and_trains_projector_and_llm(trained):
