@@ -29,14 +29,7 @@ CAPTIONS = {
 SIZES = [(64, 48), (30, 90), (100, 40), (50, 50)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads; on a busy two-core runner a second thread
-    made these tests twenty times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

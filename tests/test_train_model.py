@@ -28,13 +28,7 @@ TASKS = ("<MORE_DETAILED_CAPTION>", "<OCR>", "<DENSE_REGION_CAPTION>")
 N = 5  # Florence-2's tokens for a 64-pixel image: a 2x2 grid plus the pooled token
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads; on a busy two-core runner they lose."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def train_config(**fusion) -> TrainConfig:

@@ -77,14 +77,7 @@ def write_shapes_coco(folder: Path) -> None:
     (folder / "labels.json").write_text(json.dumps(coco))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models' matmuls are too small to split; on a shared 2-core machine two
-    OpenMP threads spin-wait on each other and run ten times slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

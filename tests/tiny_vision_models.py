@@ -10,7 +10,6 @@ weights.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -38,6 +37,8 @@ from transformers import (
     SamModel,
     SamProcessor,
 )
+
+from engine.train.tiny import train_byte_level_bpe
 
 CORPUS = [
     "a dog sitting on a couch next to a red ball",
@@ -78,21 +79,6 @@ def _wordpiece_vocab(special_tokens: list[str]) -> dict[str, int]:
     return tokenizer.get_vocab()
 
 
-def _byte_level_bpe(special_tokens: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=special_tokens,
-        # Every byte is in the vocabulary, so any text encodes without <unk>.
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(CORPUS, trainer)
-    model = json.loads(tokenizer.to_str())["model"]
-    return model["vocab"], [tuple(merge) for merge in model["merges"]]
-
-
 def _clip_tokenizer() -> CLIPTokenizer:
     """CLIP's tokenizer over single characters: every byte-level symbol, alone and
     word-final (``</w>``), with no merges. Unlike a trained vocabulary, whose ties fall
@@ -108,7 +94,7 @@ def _clip_tokenizer() -> CLIPTokenizer:
 
 def _opt_style_tokenizer(**special: str) -> GPT2Tokenizer:
     """Byte-level BPE with OPT's special tokens at OPT's ids: <s>=0 <pad>=1 </s>=2 <unk>=3."""
-    vocab, merges = _byte_level_bpe(["<s>", "<pad>", "</s>", "<unk>"])
+    vocab, merges = train_byte_level_bpe(CORPUS, ["<s>", "<pad>", "</s>", "<unk>"], vocab_size=400)
     return GPT2Tokenizer(
         vocab=vocab, merges=merges, pad_token="<pad>", unk_token="<unk>", **special
     )

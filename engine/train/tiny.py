@@ -127,7 +127,7 @@ LM_CHAT_TEMPLATE = (
 )
 
 
-def _train_bpe(
+def train_byte_level_bpe(
     corpus: list[str], special_tokens: list[str], vocab_size: int
 ) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Vocabulary and merges of a byte-level BPE trained on ``corpus``.
@@ -152,7 +152,7 @@ def _train_bpe(
 @functools.lru_cache(maxsize=1)
 def _florence2_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
     # Shared by every processor of the process; callers copy before handing it on.
-    return _train_bpe(FLORENCE2_CORPUS, BART_SPECIAL_TOKENS, _FLORENCE2_BPE_VOCAB_SIZE)
+    return train_byte_level_bpe(FLORENCE2_CORPUS, BART_SPECIAL_TOKENS, _FLORENCE2_BPE_VOCAB_SIZE)
 
 
 def florence2_image_tokens(image_size: int) -> int:
@@ -256,7 +256,7 @@ def build_tiny_language_tokenizer() -> PreTrainedTokenizerFast:
     template writes the bos token itself.
     """
     specials = [LM_BOS, LM_EOS, LM_PAD, *LM_ROLE_TOKENS]
-    vocab, merges = _train_bpe(LM_CORPUS, specials, _LM_BPE_VOCAB_SIZE)
+    vocab, merges = train_byte_level_bpe(LM_CORPUS, specials, _LM_BPE_VOCAB_SIZE)
     backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
