@@ -175,7 +175,7 @@ def test_inference_answers_in_the_words_it_was_taught(trained, tmp_path):
     image, _ = shape_image("blue", "circle", 1)
     path = tmp_path / "blue.png"
     image.save(path)
-    text = answer(checkpoint, str(path), "Describe the image in detail.", max_new_tokens=8)
+    text = answer(checkpoint, str(path), "Describe the image in detail.", max_new_tokens=16)
     # The prompt is laid out as in training, so the answer is a caption of this world.
     words = text.lower().replace(".", " ").split()
     assert set(words) & set(COLOURS) and set(words) & set(SHAPES), text

@@ -54,6 +54,7 @@ from engine.train.instructions import (
 )
 
 __all__ = [
+    "IGNORE_INDEX",
     "Conversation",
     "EncodedSample",
     "ReadStats",
@@ -64,6 +65,7 @@ __all__ = [
     "instruction_conversations",
     "read_conversations",
     "read_llava",
+    "with_image",
 ]
 
 log = logging.getLogger(__name__)
@@ -363,6 +365,13 @@ class EncodedSample:
     image: bytes
 
 
+def with_image(text: str, num_visual_tokens: int) -> str:
+    """The first user turn's content: the image (``IMAGE_TOKEN`` once per visual token),
+    a newline, then ``text`` without any placeholder of its own. Training and inference
+    both lay out the image this way."""
+    return IMAGE_TOKEN * num_visual_tokens + "\n" + text.replace(IMAGE_TOKEN, "")
+
+
 def encode_conversation(
     conversation: Conversation,
     tokenizer: PreTrainedTokenizerBase,
@@ -402,7 +411,7 @@ def encode_conversation(
             "with the assistant"
         )
     messages = [{"role": t.role, "content": t.text.replace(IMAGE_TOKEN, "")} for t in turns]
-    messages[0]["content"] = IMAGE_TOKEN * num_visual_tokens + "\n" + messages[0]["content"]
+    messages[0]["content"] = with_image(messages[0]["content"], num_visual_tokens)
 
     def render(upto: int, generation_prompt: bool) -> str:
         return tokenizer.apply_chat_template(

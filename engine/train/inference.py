@@ -22,7 +22,7 @@ import torch
 from PIL import Image, ImageOps
 
 from engine.train.checkpoint import MARKER, latest_checkpoint, load_config, load_file
-from engine.train.config import IMAGE_TOKEN
+from engine.train.data import with_image
 from engine.train.model import FlorenceVL, FlorenceVLProcessor, build_florence_vl
 
 
@@ -50,12 +50,11 @@ def load_trained(checkpoint: str) -> tuple[FlorenceVL, FlorenceVLProcessor, torc
 def prompt_ids(processor: FlorenceVLProcessor, question: str) -> list[int]:
     """The user turn with the image in front, as training renders it, then the answer's cue.
 
-    Same layout as ``engine.train.data.encode_conversation``: ``IMAGE_TOKEN`` once per
-    visual token and a newline before the question, the chat template's generation
-    prompt after it.
+    The image is laid out as in training (``with_image``); the chat template's generation
+    prompt follows the question.
     """
     tokenizer = processor.tokenizer
-    content = IMAGE_TOKEN * processor.num_visual_tokens + "\n" + question.replace(IMAGE_TOKEN, "")
+    content = with_image(question, processor.num_visual_tokens)
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
     )

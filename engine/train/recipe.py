@@ -29,6 +29,7 @@ import json
 import math
 import os
 import posixpath
+import random
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
@@ -319,8 +320,11 @@ class FlorenceVLRecipe:
             self.model.load_state_dict(load_file(url, "model.pt"))
             self.resume = _Resume(stage, step, url, trainer)
             self.log(f"[train] resuming from {url}")
-        # Dropout and any sampling differ per rank, as each rank sees different data.
+        # Dropout and any sampling differ per rank, as each rank sees different data. Python's
+        # global generator too: libraries draw from it, and a run must not depend on what
+        # ran before it in the process.
         torch.manual_seed(cfg.seed + self.ranks.rank)
+        random.seed(cfg.seed + self.ranks.rank)
 
     def _autocast(self):
         precision = self.config.precision
