@@ -524,7 +524,7 @@ def quality_rows(evaluations: Mapping[str, Evaluation]) -> list[tuple[str, ...]]
     """The headline metrics, one row each: the metric's name, then one value per
     evaluation point (``"-"`` where there is nothing to compute it from)."""
 
-    def most_detailed(e: Evaluation, field: str) -> float | None:
+    def detailed_caption(e: Evaluation, field: str) -> float | None:
         scores = e.captions.get("detailed")
         return getattr(scores, field) if scores else None
 
@@ -534,8 +534,8 @@ def quality_rows(evaluations: Mapping[str, Evaluation]) -> list[tuple[str, ...]]
         "box P @.5": lambda e: e.box_matching.precision,
         "box R @.5": lambda e: e.box_matching.recall,
         "mask AP": lambda e: e.mask.ap,
-        "caption obj P": lambda e: most_detailed(e, "object_precision"),
-        "caption obj R": lambda e: most_detailed(e, "object_recall"),
+        "caption obj P": lambda e: detailed_caption(e, "object_precision"),
+        "caption obj R": lambda e: detailed_caption(e, "object_recall"),
         "grounding P": lambda e: e.grounding_precision.value,
         "grounding R": lambda e: e.grounding.value,
         "OCR word acc": lambda e: e.ocr.value,
