@@ -105,7 +105,8 @@ class MergeConfig(_Section):
 # Filter defaults are measured against exact truth: tests/bench/bench_filter_sweep.py on a
 # generated world of 1,000 images (6,581 true regions) with the demo's CPU specialists.
 # Boxes: precision / recall at IoU 0.5 over every kept box; captions: object precision /
-# recall of the more detailed caption.
+# recall of the more detailed caption. This table is the only copy: filters/, the bench
+# and the README point here, so update it here when the sweep is run again.
 #
 #   setting                      box P   box R   caption P  caption R
 #   merged, unfiltered           0.760   0.829   0.641      0.681
@@ -138,25 +139,41 @@ class TextFilterConfig(_Section):
 
 
 class RegionFilterConfig(_Section):
-    # Object regions under this score are dropped (measured above); OCR lines under
-    # min_score_ocr (RapidOCR's own default).
+    # Object regions under this score are dropped: the best box F1 measured above.
     min_score: float = Field(default=0.5, ge=0, le=1)
+    # RapidOCR's own text_score default.
     min_score_ocr: float = Field(default=0.5, ge=0, le=1)
+    # A proposal's score ranks boxes but does not judge them.
     min_score_proposal: float = Field(default=0.0, ge=0, le=1)
     # Per specialist (its name, or name:model) thresholds, over the per-kind ones.
     min_score_by_source: dict[str, float] = Field(default_factory=dict)
-    # Class-aware NMS across specialists; null turns it off.
+    # Class-aware NMS across specialists; null turns it off. torchvision's detection
+    # models' box_nms_thresh (no effect in the sweep above).
     nms_iou: float | None = Field(default=0.5, gt=0, le=1)
-    # An image with more object regions than this after NMS is dropped (COCO's maxDets).
+    # An image with more object regions than this after NMS is dropped: COCO evaluation's
+    # maxDets. 100 objects of about 6 tokens each (4 locations and a short label) also
+    # keep an <OD> target well inside Florence-2's 1024-token decoder.
     max_objects: int | None = Field(default=100, ge=1)
+    # A box (clipped to the image) thinner than a pixel covers no pixel.
     min_side: float = Field(default=1.0, ge=0)
     min_area: float = Field(default=0.0, ge=0)
+
+    @property
+    def min_score_by_kind(self) -> dict[str, float]:
+        """The per-kind thresholds as ``filters.regions.decide_regions`` takes them."""
+        return {
+            "object": self.min_score,
+            "ocr": self.min_score_ocr,
+            "proposal": self.min_score_proposal,
+        }
 
 
 class GroundingFilterConfig(_Section):
     # A phrase's link to a box under this score is cut (measured above; Kosmos-2 GRIT
     # published 0.65 for its grounder).
     min_score: float = Field(default=0.5, ge=0, le=1)
+    # NMS over the boxes of one caption's phrases; GRIT publishes no IoU: torchvision's
+    # detection default.
     nms_iou: float | None = Field(default=0.5, gt=0, le=1)
     # Drop an image whose phrases all lost their boxes (GRIT does); images that never had
     # phrases are not judged by this filter.

@@ -1,57 +1,31 @@
-"""Region filters: box validity, non-maximum suppression, weighted box fusion, matching,
-and the region decision for one record.
+"""Region filters: box validity, non-maximum suppression, matching, and the region
+decision for one record.
 
 Everything here is a pure function of boxes, scores and thresholds: a stage computes the
 scores once (specialists store them in the record), and these functions decide from the
-stored values, so a threshold can change without running a model again.
+stored values, so a threshold can change without running a model again. Thresholds are
+arguments without defaults: their defaults, and the measurements behind them, are in
+``engine/config.py`` (``RegionFilterConfig``).
 
 Conventions shared by every function:
-- boxes are ``[x0, y0, x1, y1]`` in absolute pixels;
-- IoU is ``inter / (area_a + area_b - inter)``, computed as torchvision computes it;
+- boxes are ``[x0, y0, x1, y1]`` in absolute pixels; IoU is ``engine.geometry``'s;
 - NMS suppresses a box when its IoU with a kept, higher-scored box is strictly greater
-  than the threshold (torchvision's rule); matching and fusion join boxes at IoU >= the
-  threshold;
+  than the threshold (torchvision's rule); matching joins boxes at IoU >= the threshold;
 - a region without a score (a human label) is never dropped for its score and never
   suppressed: it outranks every scored region it overlaps.
-
-Default thresholds (the paper publishes none; ``tests/bench/bench_filter_sweep.py``
-measures them against exact truth on 1,000 generated images, table in engine/config.py):
-- minimum score per kind (``DEFAULT_MIN_SCORE_BY_KIND``): objects 0.5, the best box F1
-  of the sweep (precision 0.849, recall 0.791 vs 0.760 / 0.829 unfiltered); a detector
-  with other calibration gets its own threshold (``min_score_by_source``); OCR 0.5,
-  RapidOCR's own ``text_score`` default; proposals 0.0, since a proposal's score ranks
-  boxes but does not judge them;
-- NMS IoU 0.5 (``DEFAULT_NMS_IOU``), torchvision's detection models' ``box_nms_thresh``
-  (no effect in the sweep: merge has already joined duplicates at IoU 0.7);
-- at most 100 objects per image (``DEFAULT_MAX_OBJECTS``), COCO evaluation's
-  ``maxDets``; 100 objects of about 6 tokens each (4 locations and a short label) also
-  keep an ``<OD>`` target well inside Florence-2's 1024-token decoder;
-- WBF IoU 0.55 (``DEFAULT_WBF_IOU``), the default of Solovyev et al.'s
-  ``ensemble_boxes``;
-- a box side of at least 1 pixel (``DEFAULT_MIN_SIDE``): a thinner box covers no pixel.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from types import MappingProxyType
 
 import numpy as np
 import torch
 from torchvision.ops import batched_nms
 
-from engine.geometry import clip_box
+from engine.geometry import all_finite, boxes_array, clip_box, pairwise_iou
 from engine.records import ImageRecord, Phrase, Region
-
-DEFAULT_MIN_SCORE_BY_KIND: Mapping[str, float] = MappingProxyType(
-    {"object": 0.5, "ocr": 0.5, "proposal": 0.0}
-)
-DEFAULT_NMS_IOU = 0.5
-DEFAULT_MAX_OBJECTS = 100
-DEFAULT_WBF_IOU = 0.55
-DEFAULT_MIN_SIDE = 1.0
 
 # Drop reasons: fixed strings, so that a report counts drops by cause.
 NON_FINITE = "non-finite box"
@@ -65,7 +39,7 @@ TOO_MANY_OBJECTS = "too many objects"
 REGIONS_DROPPED = "regions dropped"
 
 
-# ---------------------------------------------------------------- geometry
+# ---------------------------------------------------------------- validity
 
 
 def box_problem(
@@ -73,8 +47,8 @@ def box_problem(
     width: float,
     height: float,
     *,
-    min_side: float = DEFAULT_MIN_SIDE,
-    min_area: float = 0.0,
+    min_side: float,
+    min_area: float,
 ) -> str | None:
     """Why ``box`` is unusable in a ``width`` x ``height`` image, or ``None`` if it is fine.
 
@@ -82,7 +56,7 @@ def box_problem(
     zero width or height, no overlap with the image, and, on the box clipped to the
     image, a side under ``min_side`` or an area under ``min_area`` ("too small").
     """
-    if not all(math.isfinite(float(v)) for v in box):
+    if not all_finite(box):
         return NON_FINITE
     x0, y0, x1, y1 = (float(v) for v in box)
     if x1 < x0 or y1 < y0:
@@ -96,29 +70,6 @@ def box_problem(
     if min(side_w, side_h) < min_side or side_w * side_h < min_area:
         return TOO_SMALL
     return None
-
-
-def boxes_array(regions: Sequence[Region]) -> np.ndarray:
-    """The regions' boxes as a float64 array of shape ``(n, 4)``."""
-    return np.asarray([r.box for r in regions], dtype=np.float64).reshape(-1, 4)
-
-
-def pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of every box of ``a`` (n, 4) with every box of ``b`` (m, 4): an (n, m) array.
-
-    Two boxes with no area between them have IoU 0.
-    """
-    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
-    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    top_left = np.maximum(a[:, None, :2], b[None, :, :2])
-    bottom_right = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    wh = np.clip(bottom_right - top_left, 0.0, None)
-    inter = wh[..., 0] * wh[..., 1]
-    union = area_a[:, None] + area_b[None, :] - inter
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(union > 0, inter / union, 0.0)
 
 
 # ---------------------------------------------------------------- NMS
@@ -154,7 +105,7 @@ def nms(
 
 def region_nms(
     regions: Sequence[Region],
-    iou_threshold: float = DEFAULT_NMS_IOU,
+    iou_threshold: float,
     *,
     class_aware: bool = True,
     across_sources: bool = True,
@@ -191,150 +142,13 @@ def region_nms(
     return sorted([*unscored.tolist(), *kept.tolist()])
 
 
-# ---------------------------------------------------------------- weighted box fusion
-
-
-@dataclass(frozen=True, slots=True)
-class FusedBoxes:
-    """Result of ``weighted_box_fusion``, clusters in descending fused score."""
-
-    boxes: np.ndarray  # (k, 4) float64
-    scores: np.ndarray  # (k,) float64
-    labels: list[str | None]  # None for every cluster when fusion is class-agnostic
-    members: list[np.ndarray]  # input indices of each cluster, in the order they joined
-
-
-def weighted_box_fusion(
-    boxes: np.ndarray,
-    scores: np.ndarray,
-    *,
-    labels: Sequence[str] | None = None,
-    sources: Sequence[str] | None = None,
-    iou_threshold: float = DEFAULT_WBF_IOU,
-    n_models: int | None = None,
-) -> FusedBoxes:
-    """Weighted box fusion (Solovyev et al., "Weighted boxes fusion", 2021).
-
-    Boxes are visited in descending score (ties broken by label, source, then
-    coordinates, so the result does not depend on input order). A box joins the cluster
-    of the same label (any cluster when ``labels`` is ``None``) whose current fused box
-    it overlaps most, if that IoU is >= ``iou_threshold``; otherwise it starts a cluster.
-    After each join the fused box is recomputed, so later boxes match against it.
-
-    - fused box: the score-weighted mean of the members' coordinates (the plain mean
-      when all members score 0), hence inside the members' union bounding box;
-    - fused score: ``mean(member scores) * min(T, n_models) / n_models``, where ``T`` is
-      the number of distinct ``sources`` in the cluster. The paper counts boxes for
-      ``T``; counting sources instead keeps two boxes of one model from voting twice,
-      and is the same when each model puts at most one box in a cluster.
-      ``n_models`` defaults to the number of distinct sources given (1 without
-      ``sources``, which leaves the mean score unchanged).
-
-    Scores must be finite and >= 0.
-    """
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
-    count = len(boxes)
-    if len(scores) != count:
-        raise ValueError(f"{count} boxes but {len(scores)} scores")
-    if not np.all(np.isfinite(scores)) or np.any(scores < 0):
-        raise ValueError("WBF scores must be finite and >= 0")
-    label_of = list(labels) if labels is not None else [None] * count
-    source_of = list(sources) if sources is not None else [""] * count
-    if len(label_of) != count or len(source_of) != count:
-        raise ValueError("labels and sources need one entry per box")
-    models = n_models if n_models is not None else max(len(set(source_of)), 1)
-    if models < 1:
-        raise ValueError(f"n_models must be >= 1, got {models}")
-
-    order = sorted(
-        range(count),
-        key=lambda i: (-scores[i], label_of[i] or "", source_of[i], *boxes[i].tolist()),
-    )
-    fused: list[np.ndarray] = []
-    members: list[list[int]] = []
-    clusters_of_label: dict[str | None, list[int]] = {}
-    for i in order:
-        candidates = clusters_of_label.setdefault(label_of[i], [])
-        if candidates:
-            ious = pairwise_iou(boxes[i], np.stack([fused[c] for c in candidates]))[0]
-            best = int(np.argmax(ious))
-            if ious[best] >= iou_threshold:
-                cluster = candidates[best]
-                members[cluster].append(i)
-                fused[cluster] = _weighted_mean(boxes[members[cluster]], scores[members[cluster]])
-                continue
-        candidates.append(len(fused))
-        fused.append(boxes[i].copy())
-        members.append([i])
-
-    fused_scores = np.asarray(
-        [scores[m].mean() * min(len({source_of[i] for i in m}), models) / models for m in members],
-        dtype=np.float64,
-    )
-    rank = np.argsort(-fused_scores, kind="stable")
-    return FusedBoxes(
-        boxes=np.stack(fused)[rank] if fused else np.empty((0, 4)),
-        scores=fused_scores[rank],
-        labels=[label_of[members[c][0]] for c in rank],
-        members=[np.asarray(members[c], dtype=np.int64) for c in rank],
-    )
-
-
-def _weighted_mean(boxes: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    if weights.sum() > 0:
-        return (boxes * weights[:, None]).sum(axis=0) / weights.sum()
-    return boxes.mean(axis=0)
-
-
-def fuse_regions(
-    regions: Sequence[Region],
-    iou_threshold: float = DEFAULT_WBF_IOU,
-    *,
-    class_aware: bool = True,
-    n_models: int | None = None,
-) -> list[tuple[Region, list[int]]]:
-    """WBF over regions (see ``weighted_box_fusion``), each fused region with its members.
-
-    Regions fuse only within their kind, and with ``class_aware`` only within the same
-    text (case- and space-insensitive). An unscored region (a human label) weighs as a
-    score of 1. A fused region takes the text and round of its best member, the source
-    ``wbf:`` + its members' sources joined by ``+``, and no polygon or quad: those
-    belonged to the members' boxes.
-    """
-    labels = [f"{r.kind}\n{r.text.strip().casefold() if class_aware else ''}" for r in regions]
-    sources = [r.source for r in regions]
-    scores = np.asarray([1.0 if r.score is None else r.score for r in regions], dtype=np.float64)
-    fused = weighted_box_fusion(
-        boxes_array(regions),
-        scores,
-        labels=labels,
-        sources=sources,
-        iou_threshold=iou_threshold,
-        n_models=n_models,
-    )
-    result = []
-    for box, score, group in zip(fused.boxes, fused.scores, fused.members, strict=True):
-        best = regions[int(group[np.argmax(scores[group])])]
-        region = Region(
-            box=tuple(box.tolist()),
-            text=best.text,
-            kind=best.kind,
-            source="wbf:" + "+".join(sorted({regions[i].source for i in group})),
-            score=float(score),
-            round=best.round,
-        )
-        result.append((region, group.tolist()))
-    return result
-
-
 # ---------------------------------------------------------------- matching
 
 
 def match_regions(
     a: Sequence[Region],
     b: Sequence[Region],
-    iou_threshold: float = DEFAULT_NMS_IOU,
+    iou_threshold: float,
     *,
     same_kind: bool = True,
 ) -> list[tuple[int, int]]:
@@ -426,12 +240,12 @@ def min_score_for(
 def decide_regions(
     record: ImageRecord,
     *,
-    min_score_by_kind: Mapping[str, float] = DEFAULT_MIN_SCORE_BY_KIND,
-    min_score_by_source: Mapping[str, float] | None = None,
-    nms_iou: float | None = DEFAULT_NMS_IOU,
-    max_objects: int | None = DEFAULT_MAX_OBJECTS,
-    min_side: float = DEFAULT_MIN_SIDE,
-    min_area: float = 0.0,
+    min_score_by_kind: Mapping[str, float],
+    min_score_by_source: Mapping[str, float] | None,
+    nms_iou: float | None,
+    max_objects: int | None,
+    min_side: float,
+    min_area: float,
 ) -> RecordDecision:
     """Which regions of ``record`` survive, and whether the record does.
 

@@ -136,8 +136,9 @@ def caption_decision(
 
     The caller passes the thresholds of the caption's kind: a brief caption names far
     fewer objects than a more detailed one (FLD-5B means 3.23 vs 28.06), so one set of
-    numbers cannot judge all three. ``None`` turns a test off; the paper publishes no
-    values, so none is assumed here.
+    numbers cannot judge all three. ``None`` turns a test off. The configured values, and
+    the sweep that leaves them all off by default, are in ``engine/config.py``
+    (``TextFilterConfig``).
 
     - ``max_objects``: dropped when ``len(stats.objects)`` is greater;
     - ``min_object_complexity``: dropped when ``stats.object_complexity`` is lower; a

@@ -25,7 +25,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from engine.records import CAPTION_KINDS, ImageRecord, Phrase, Region, box_is_finite
+from engine.geometry import all_finite, is_valid_polygon
+from engine.records import CAPTION_KINDS, ImageRecord, Phrase, Region
 
 LOC_BINS = 1000
 
@@ -120,22 +121,18 @@ def _label(text: str) -> str | None:
 
 def _polygon_parts(region: Region) -> list[list[float]]:
     """The parts that are polygons (3 or more finite vertices); malformed parts are left out."""
-    return [
-        part
-        for part in region.polygons or []
-        if len(part) >= 6 and len(part) % 2 == 0 and box_is_finite(part)
-    ]
+    return [part for part in region.polygons or [] if is_valid_polygon(part)]
 
 
 def _quad(region: Region) -> list[float]:
     """The region's quad, or its box's corners when it has no usable quad."""
     quad = region.quad
-    if quad is not None and len(quad) == 8 and box_is_finite(quad):
+    if quad is not None and len(quad) == 8 and all_finite(quad):
         return list(quad)
     return box_to_quad(region.box)
 
 
-def _reading_order(regions: list[Region]) -> list[Region]:
+def reading_order(regions: list[Region]) -> list[Region]:
     """Text lines top to bottom, each read left to right.
 
     A region joins the current line when its vertical centre lies inside the line's first
@@ -168,7 +165,7 @@ def florence2_targets(record: ImageRecord) -> list[Florence2Target]:
         raise ValueError(f"record {record.image_id} has no size ({record.width}x{record.height})")
     # Phrases point at regions by index, so unusable regions are dropped from the map, not
     # from a renumbered list.
-    regions = {i: r for i, r in enumerate(record.regions) if box_is_finite(r.box)}
+    regions = {i: r for i, r in enumerate(record.regions) if all_finite(r.box)}
     return [
         *_caption_targets(record),
         *_object_targets(record, list(regions.values())),
@@ -229,7 +226,7 @@ def _object_targets(record: ImageRecord, regions: list[Region]) -> list[Florence
 def _ocr_targets(record: ImageRecord, regions: list[Region]) -> list[Florence2Target]:
     """``<OCR>`` (lines joined by newlines), ``<OCR_WITH_REGION>`` and ``<REGION_TO_OCR>``."""
     w, h = record.width, record.height
-    ocr = _reading_order([r for r in regions if r.kind == "ocr"])
+    ocr = reading_order([r for r in regions if r.kind == "ocr"])
     texts = [(text, r) for r in ocr if (text := _plain_text(r.text))]
     if not texts:
         return []

@@ -25,9 +25,9 @@ from scipy import ndimage
 from skimage.measure import approximate_polygon, find_contours
 
 from engine.config import SpecialistConfig
-from engine.geometry import box_in_image, clip_points
+from engine.geometry import box_in_image, clip_points, is_valid_polygon
 from engine.records import Region
-from engine.world_drawing import COLOURS, SIGN_PLATES
+from engine.world.drawing import COLOURS, SIGN_PLATES
 from specialists.base import Annotations, Specialist, SpecialistInput
 
 SIGN = "sign"
@@ -256,7 +256,7 @@ class BoxPolygonMaker(Specialist):
         xs = outline[:, 1] - 0.5 + x0
         ys = outline[:, 0] - 0.5 + y0
         flat = [float(v) for point in zip(xs, ys, strict=True) for v in point]
-        return clip_points(flat, width, height) if len(flat) >= 6 else None
+        return clip_points(flat, width, height) if is_valid_polygon(flat) else None
 
 
 def _palette_index(text: str) -> int | None:

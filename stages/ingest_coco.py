@@ -11,14 +11,13 @@ the decoded size, so it happens in the ingest unit (``labels_to_regions``).
 from __future__ import annotations
 
 import json
-import math
 import posixpath
 from collections import Counter
 from dataclasses import dataclass, field
 
 import fsspec
 
-from engine.geometry import clip_box, clip_points
+from engine.geometry import all_finite, box_in_image, clip_points, is_valid_polygon
 from engine.records import Caption, QuarantineEntry, Region
 
 HUMAN_SOURCE = "human:coco"
@@ -129,8 +128,8 @@ def labels_to_regions(
     changed: Counter[str] = Counter()
     for box in labels.boxes:
         x, y, w, h = box.bbox
-        clipped = clip_box((x, y, x + w, y + h), width, height)
-        if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
+        clipped = box_in_image((x, y, x + w, y + h), width, height)
+        if clipped is None:
             where = f"{uri}#annotation={box.annotation_id}"
             refused.append(_refuse(where, "box outside image", f"bbox={list(box.bbox)}"))
             continue
@@ -151,7 +150,7 @@ def _refuse(where: str, reason: str, detail: str) -> QuarantineEntry:
 def _bbox_problem(bbox: object) -> str | None:
     if not isinstance(bbox, list | tuple) or len(bbox) != 4:
         return "invalid box (not 4 numbers)"
-    if not all(isinstance(v, int | float) and math.isfinite(v) for v in bbox):
+    if not all_finite(bbox):
         return "invalid box (not finite)"
     if bbox[2] <= 0 or bbox[3] <= 0:
         return "invalid box (empty or negative size)"
@@ -167,13 +166,7 @@ def _polygons(segmentation: object) -> tuple[tuple[tuple[float, ...], ...], str 
         return (), "invalid segmentation"
     polygons = []
     for polygon in segmentation:
-        valid = (
-            isinstance(polygon, list)
-            and len(polygon) >= 6
-            and len(polygon) % 2 == 0
-            and all(isinstance(v, int | float) and math.isfinite(v) for v in polygon)
-        )
-        if not valid:
+        if not (isinstance(polygon, list) and is_valid_polygon(polygon)):
             return (), "invalid segmentation"
         polygons.append(tuple(float(v) for v in polygon))
     return tuple(polygons), None

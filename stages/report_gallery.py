@@ -15,7 +15,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, ImageColor, ImageDraw, ImageFont
 
-from engine.records import IMAGE_COLUMN, ImageRecord, box_is_finite, records_from_table
+from engine.geometry import all_finite, is_valid_polygon
+from engine.layout import MANIFEST
+from engine.records import IMAGE_COLUMN, ImageRecord, records_from_table
 from engine.store import Store
 
 # Distinct on photographs and on each other (Sasha Trubetskoy's list of 20, first 12).
@@ -61,13 +63,13 @@ def manifest_images(store: Store, image_ids: Sequence[str]) -> dict[str, bytes]:
     """
     wanted = set(image_ids)
     images: dict[str, bytes] = {}
-    for unit in store.committed_units("manifest"):
+    for unit in store.committed_units(MANIFEST):
         if not wanted - images.keys():
             break
-        ids = store.read_unit("manifest", unit, columns=["image_id"]).column("image_id")
+        ids = store.read_unit(MANIFEST, unit, columns=["image_id"]).column("image_id")
         if not any(i in wanted and i not in images for i in ids.to_pylist()):
             continue
-        part = store.read_unit("manifest", unit, columns=["image_id", IMAGE_COLUMN])
+        part = store.read_unit(MANIFEST, unit, columns=["image_id", IMAGE_COLUMN])
         for image_id, data in zip(
             part.column("image_id").to_pylist(), part.column(IMAGE_COLUMN).to_pylist(), strict=True
         ):
@@ -93,20 +95,20 @@ def draw(record: ImageRecord, jpeg: bytes) -> bytes:
     for index, region in enumerate(record.regions):
         rgb = ImageColor.getrgb(region_colour(index))
         for polygon in region.polygons or []:
-            if len(polygon) >= 6 and len(polygon) % 2 == 0 and box_is_finite(polygon):
+            if is_valid_polygon(polygon):
                 layer_draw.polygon(scaled(polygon), fill=(*rgb, POLYGON_ALPHA), outline=(*rgb, 255))
     image = Image.alpha_composite(image.convert("RGBA"), layer).convert("RGB")
 
     pen = ImageDraw.Draw(image)
     font = ImageFont.load_default(size=14)
     for index, region in enumerate(record.regions):
-        if not box_is_finite(region.box):
+        if not all_finite(region.box):
             continue
         colour = region_colour(index)
         x0, y0, x1, y1 = region.box
         left, top = min(x0, x1) * sx, min(y0, y1) * sy
         right, bottom = max(x0, x1) * sx, max(y0, y1) * sy
-        if region.quad is not None and box_is_finite(region.quad):
+        if region.quad is not None and is_valid_polygon(region.quad):
             # The quadrilateral follows slanted text; the box around it would hide that.
             pen.polygon(scaled(region.quad), outline=colour, width=3)
         else:

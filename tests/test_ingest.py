@@ -6,6 +6,7 @@ from engine.config import load_config
 from engine.records import records_from_table
 from engine.store import Store, manifest_view
 from stages.ingest import InputError, plan_ingest, run_ingest
+from stages.ingest_coco import labels_to_regions, read_coco
 from tests.inputs import encode, messy_input_folder, photo, write_coco
 
 CONFIG = load_config("engine/configs/test.yaml")
@@ -103,8 +104,47 @@ def test_coco_labels_enter_as_human_annotations(tmp_path, ray_cluster):
             "unreadable file",
         ]
     )
-    assert summary.dropped["box clipped to image"] == 1
+    assert summary.notes["box clipped to image"] == 1
     assert summary.dropped["captions beyond the first not kept"] == 1
+
+
+def test_coco_boxes_and_polygons_are_checked_one_by_one(tmp_path):
+    # Driver-side only: what JSON can hold besides numbers is refused, never raised.
+    write_coco(
+        tmp_path / "labels.json",
+        {"a.jpg": (100, 80)},
+        [
+            {"image_id": 1, "category_id": 1, "bbox": [10, 10, 30, 20],
+             "segmentation": [[10, 10, 40, 10, 40, 30], [10, 10, 20, 10, 20, 20, 10, 20]]},
+            {"image_id": 1, "category_id": 1, "bbox": [90, 70, 30, 30],
+             "segmentation": [[10, 10, 40, 10, 40]]},  # odd count: the box stays
+            {"image_id": 1, "category_id": 1, "bbox": [0, 0, 5, 5],
+             "segmentation": [[10, 10, 40, 10, 40, "30"]]},
+            {"image_id": 1, "category_id": 1, "bbox": [0, "0", 5, 5]},
+            {"image_id": 1, "category_id": 1, "bbox": [0, 0, 5, None]},
+            {"image_id": 1, "category_id": 1, "bbox": [200, 0, 5, 5]},  # outside the image
+        ],
+    )  # fmt: skip
+    coco = read_coco(str(tmp_path / "labels.json"))
+    refused = {e.uri.rsplit("=", 1)[1]: e.reason for e in coco.refused}
+    assert refused == {
+        "2": "invalid segmentation",
+        "3": "invalid segmentation",
+        "4": "invalid box (not finite)",
+        "5": "invalid box (not finite)",
+    }
+    [(uri, labels)] = coco.images.items()
+    assert [(b.annotation_id, len(b.polygons)) for b in labels.boxes] == [
+        (1, 2),
+        (2, 0),
+        (3, 0),
+        (6, 0),
+    ]
+
+    regions, _, outside, changed = labels_to_regions(labels, 100, 80, uri)
+    assert [r.box for r in regions] == [(10, 10, 40, 30), (90, 70, 100, 80), (0, 0, 5, 5)]
+    assert [e.uri.rsplit("=", 1)[1] for e in outside] == ["6"]
+    assert changed["box clipped to image"] == 1
 
 
 @pytest.mark.parametrize("spec", ["nothing-here", "nothing-here/*.jpg"])

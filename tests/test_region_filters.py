@@ -8,6 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from engine.config import RegionFilterConfig
+from engine.geometry import iou
 from engine.records import ImageRecord, Phrase, Region
 from filters.regions import (
     INVERTED,
@@ -20,27 +22,14 @@ from filters.regions import (
     TOO_SMALL,
     ZERO_AREA,
     box_problem,
-    clip_box,
     decide_regions,
-    fuse_regions,
     match_regions,
     nms,
-    pairwise_iou,
     region_nms,
     remap_phrases,
-    weighted_box_fusion,
 )
 
 # ---------------------------------------------------------------- pure-Python references
-
-
-def iou(a, b):
-    """The IoU formula of torchvision's NMS kernel, written out."""
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = w * h
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def nms_reference(boxes, scores, threshold, classes):
@@ -49,31 +38,6 @@ def nms_reference(boxes, scores, threshold, classes):
         if all(classes[k] != classes[i] or iou(boxes[i], boxes[k]) <= threshold for k in kept):
             kept.append(i)
     return kept
-
-
-def wbf_reference(boxes, scores, labels, sources, threshold, n_models):
-    """The algorithm of Solovyev et al. with plain lists, as the module documents it."""
-    order = sorted(range(len(boxes)), key=lambda i: (-scores[i], labels[i], sources[i], *boxes[i]))
-    clusters = []  # [label, fused box, member indices]
-    for i in order:
-        best, best_iou = None, -1.0
-        for cluster in clusters:
-            if cluster[0] == labels[i]:
-                overlap = iou(boxes[i], cluster[1])
-                if overlap > best_iou:
-                    best, best_iou = cluster, overlap
-        if best is not None and best_iou >= threshold:
-            best[2].append(i)
-            weight = sum(scores[m] for m in best[2])
-            best[1] = [sum(scores[m] * boxes[m][k] for m in best[2]) / weight for k in range(4)]
-        else:
-            clusters.append([labels[i], list(boxes[i]), [i]])
-    result = []
-    for label, box, members in clusters:
-        mean = sum(scores[m] for m in members) / len(members)
-        voters = len({sources[m] for m in members})
-        result.append((label, box, mean * min(voters, n_models) / n_models, sorted(members)))
-    return result
 
 
 def greedy_match_reference(a, b, threshold):
@@ -106,16 +70,13 @@ box_strategy = st.builds(
 
 
 @st.composite
-def scored_boxes(draw, max_size=40, unique_scores=True, labels="abc"):
+def scored_boxes(draw, max_size=40):
+    """Boxes, distinct scores (NMS order is then unambiguous) and one class per box."""
     n = draw(st.integers(0, max_size))
     boxes = draw(st.lists(box_strategy, min_size=n, max_size=n))
-    if unique_scores:
-        ints = draw(st.lists(st.integers(1, 10**6), min_size=n, max_size=n, unique=True))
-    else:
-        ints = draw(st.lists(st.sampled_from([10**5, 5 * 10**5, 10**6]), min_size=n, max_size=n))
-    classes = draw(st.lists(st.sampled_from(labels), min_size=n, max_size=n))
-    sources = draw(st.lists(st.sampled_from(["det:a", "det:b", "det:c"]), min_size=n, max_size=n))
-    return boxes, [v / 10**6 for v in ints], classes, sources
+    ints = draw(st.lists(st.integers(1, 10**6), min_size=n, max_size=n, unique=True))
+    classes = draw(st.lists(st.sampled_from("abc"), min_size=n, max_size=n))
+    return boxes, [v / 10**6 for v in ints], classes
 
 
 thresholds = st.sampled_from([0.0, 0.3, 0.5, 0.55, 0.7, 1.0])
@@ -127,7 +88,7 @@ thresholds = st.sampled_from([0.0, 0.3, 0.5, 0.55, 0.7, 1.0])
 @given(scored_boxes(), thresholds)
 @settings(deadline=None)
 def test_class_aware_nms_equals_the_reference(data, threshold):
-    boxes, scores, classes, _ = data
+    boxes, scores, classes = data
     kept = nms(np.array(boxes), np.array(scores), threshold, classes=classes)
     assert kept.tolist() == nms_reference(boxes, scores, threshold, classes)
 
@@ -135,7 +96,7 @@ def test_class_aware_nms_equals_the_reference(data, threshold):
 @given(scored_boxes(), thresholds)
 @settings(deadline=None)
 def test_class_agnostic_nms_equals_the_reference(data, threshold):
-    boxes, scores, _, _ = data
+    boxes, scores, _ = data
     kept = nms(np.array(boxes), np.array(scores), threshold)
     assert kept.tolist() == nms_reference(boxes, scores, threshold, [0] * len(boxes))
 
@@ -143,7 +104,7 @@ def test_class_agnostic_nms_equals_the_reference(data, threshold):
 @given(scored_boxes(), thresholds)
 @settings(deadline=None)
 def test_nms_properties(data, threshold):
-    boxes, scores, classes, _ = data
+    boxes, scores, classes = data
     kept = nms(np.array(boxes), np.array(scores), threshold, classes=classes).tolist()
     # Kept boxes of one class overlap each other by at most the threshold.
     for a in kept:
@@ -164,14 +125,6 @@ def test_nms_of_nothing_and_mismatched_inputs():
     assert nms(np.empty((0, 4)), np.empty(0), 0.5).tolist() == []
     with pytest.raises(ValueError, match="2 boxes but 1 scores"):
         nms(np.zeros((2, 4)), np.zeros(1), 0.5)
-
-
-def test_pairwise_iou_matches_the_formula():
-    a = [(0, 0, 10, 10), (5, 5, 15, 15)]
-    b = [(0, 0, 10, 10), (20, 20, 30, 30), (0, 0, 5, 10)]
-    expected = [[iou(x, y) for y in b] for x in a]
-    assert np.allclose(pairwise_iou(np.array(a), np.array(b)), expected)
-    assert pairwise_iou(np.array(a), np.array(b))[1, 0] == pytest.approx(25 / 175)
 
 
 def region(box, score=0.9, text="dog", kind="object", source="det:a"):
@@ -217,123 +170,6 @@ def test_a_box_suppressed_by_a_human_label_suppresses_nothing():
     assert region_nms(regions, 0.5) == [0, 2]
 
 
-# ---------------------------------------------------------------- weighted box fusion
-
-
-@given(scored_boxes(max_size=25), st.sampled_from([0.3, 0.55, 0.8]), st.booleans())
-@settings(deadline=None)
-def test_wbf_equals_the_reference(data, threshold, per_label):
-    boxes, scores, classes, sources = data
-    labels = classes if per_label else ["x"] * len(boxes)
-    fused = weighted_box_fusion(
-        np.array(boxes),
-        np.array(scores),
-        labels=labels,
-        sources=sources,
-        iou_threshold=threshold,
-        n_models=3,
-    )
-    expected = sorted(
-        wbf_reference(boxes, scores, labels, sources, threshold, 3), key=lambda c: c[3]
-    )
-    got = sorted(
-        zip(
-            fused.labels,
-            fused.boxes.tolist(),
-            fused.scores.tolist(),
-            [sorted(m.tolist()) for m in fused.members],
-            strict=True,
-        ),
-        key=lambda c: c[3],
-    )
-    assert [(c[0], c[3]) for c in got] == [(c[0], c[3]) for c in expected]
-    for (_, box, score, _), (_, ref_box, ref_score, _) in zip(got, expected, strict=True):
-        assert box == pytest.approx(ref_box)
-        assert score == pytest.approx(ref_score)
-    assert list(fused.scores) == sorted(fused.scores, reverse=True)
-
-
-@given(scored_boxes(unique_scores=False), st.sampled_from([0.3, 0.55, 0.8]))
-@settings(deadline=None)
-def test_wbf_clusters_partition_the_input_and_fused_boxes_stay_inside(data, threshold):
-    boxes, scores, classes, sources = data
-    fused = weighted_box_fusion(
-        np.array(boxes), np.array(scores), labels=classes, sources=sources, iou_threshold=threshold
-    )
-    members = sorted(i for m in fused.members for i in m.tolist())
-    assert members == list(range(len(boxes)))
-    for box, score, group, label in zip(
-        fused.boxes, fused.scores, fused.members, fused.labels, strict=True
-    ):
-        cluster = np.array([boxes[i] for i in group])
-        assert {classes[i] for i in group} == {label}
-        # Inside the bounding box of the cluster's union (a weighted mean of coordinates).
-        assert cluster[:, 0].min() - 1e-9 <= box[0] <= box[2] <= cluster[:, 2].max() + 1e-9
-        assert cluster[:, 1].min() - 1e-9 <= box[1] <= box[3] <= cluster[:, 3].max() + 1e-9
-        assert 0.0 <= score <= max(scores[i] for i in group) + 1e-12
-
-
-@given(scored_boxes(unique_scores=False), st.randoms(use_true_random=False))
-@settings(deadline=None)
-def test_wbf_does_not_depend_on_input_order(data, rng):
-    boxes, scores, classes, sources = data
-    order = list(range(len(boxes)))
-    rng.shuffle(order)
-
-    def fuse(indices):
-        fused = weighted_box_fusion(
-            np.array([boxes[i] for i in indices]).reshape(-1, 4),
-            np.array([scores[i] for i in indices]),
-            labels=[classes[i] for i in indices],
-            sources=[sources[i] for i in indices],
-        )
-        return sorted(
-            (label, *np.round(box, 9).tolist(), round(score, 12))
-            for label, box, score in zip(fused.labels, fused.boxes, fused.scores, strict=True)
-        )
-
-    assert fuse(order) == fuse(list(range(len(boxes))))
-
-
-def test_wbf_rescales_by_the_sources_that_agree():
-    boxes = np.array([[0, 0, 10, 10], [1, 0, 11, 10], [50, 50, 60, 60]], dtype=float)
-    scores = np.array([0.8, 0.4, 0.9])
-    fused = weighted_box_fusion(boxes, scores, sources=["a", "b", "a"], iou_threshold=0.55)
-    # Two models agree on the first object: mean 0.6, times min(2, 2) / 2. The second
-    # object is seen by one model of two: 0.9 * 1 / 2.
-    assert fused.scores.tolist() == pytest.approx([0.6, 0.45])
-    assert fused.boxes[0].tolist() == pytest.approx([1 / 3, 0, 31 / 3, 10])
-    assert [m.tolist() for m in fused.members] == [[0, 1], [2]]
-    # Two boxes of one model in a cluster are one vote.
-    same_model = weighted_box_fusion(boxes[:2], scores[:2], sources=["a", "a"], n_models=2)
-    assert same_model.scores.tolist() == pytest.approx([0.3])
-
-
-def test_wbf_rejects_bad_scores_and_handles_nothing():
-    with pytest.raises(ValueError, match="finite and >= 0"):
-        weighted_box_fusion(np.zeros((1, 4)), np.array([math.nan]))
-    empty = weighted_box_fusion(np.empty((0, 4)), np.empty(0))
-    assert empty.boxes.shape == (0, 4)
-    assert empty.members == []
-
-
-def test_fuse_regions_within_kind_and_text():
-    regions = [
-        region((0, 0, 10, 10), 0.6, "Dog", source="det:a"),
-        region((0, 0, 12, 10), 0.9, "dog", source="det:b"),
-        region((0, 0, 10, 10), 0.9, "dog", kind="ocr", source="ocr:x"),
-        region((0, 0, 10, 10), None, "cat", source="human:coco"),
-    ]
-    fused = fuse_regions(regions, n_models=2)
-    by_members = {tuple(sorted(members)): r for r, members in fused}
-    assert set(by_members) == {(0, 1), (2,), (3,)}
-    dog = by_members[(0, 1)]
-    assert (dog.text, dog.kind, dog.source) == ("dog", "object", "wbf:det:a+det:b")
-    assert dog.score == pytest.approx(0.75)
-    assert dog.box == pytest.approx((0, 0, 10 + 2 * 0.9 / 1.5, 10))
-    assert by_members[(3,)].score == pytest.approx(0.5)  # a label weighs 1, one voter of 2
-
-
 # ---------------------------------------------------------------- matching
 
 
@@ -377,17 +213,30 @@ def test_match_regions_pairs_one_to_one_within_kind():
     ],
 )
 def test_box_problem_reasons(box, reason):
-    assert box_problem(box, 100, 50) == reason
+    assert box_problem(box, 100, 50, min_side=1, min_area=0) == reason
 
 
-def test_box_problem_thresholds_and_clipping():
-    assert box_problem((0, 0, 4, 4), 100, 100, min_side=5) == TOO_SMALL
+def test_box_problem_thresholds():
+    assert box_problem((0, 0, 4, 4), 100, 100, min_side=5, min_area=0) == TOO_SMALL
     assert box_problem((0, 0, 4, 4), 100, 100, min_side=1, min_area=17) == TOO_SMALL
     assert box_problem((0, 0, 4, 4), 100, 100, min_side=1, min_area=16) is None
-    assert clip_box((-5, 10, 120, 60), 100, 50) == (0.0, 10.0, 100.0, 50.0)
 
 
 # ---------------------------------------------------------------- the record decision
+
+
+def decide(record, **changes):
+    """``decide_regions`` with the configured defaults, ``changes`` (config fields) over them."""
+    config = RegionFilterConfig(**changes)
+    return decide_regions(
+        record,
+        min_score_by_kind=config.min_score_by_kind,
+        min_score_by_source=config.min_score_by_source,
+        nms_iou=config.nms_iou,
+        max_objects=config.max_objects,
+        min_side=config.min_side,
+        min_area=config.min_area,
+    )
 
 
 def make_record(regions, phrases=()):
@@ -412,7 +261,7 @@ def test_decide_regions_drops_with_reasons_and_remaps_phrases():
         region((0, 0, 50, 50), 0.9),  # 0 kept -> 0
         region((0, 0, 50, 49), 0.8, source="det:b"),  # 1 duplicate of 0 from another source
         region((60, 0, 40, 10), 0.9),  # 2 inverted
-        region((60, 60, 90, 120), 0.2),  # 3 under the object threshold 0.3
+        region((60, 60, 90, 120), 0.2),  # 3 under the object threshold
         region((60, 60, 90, 120), 0.2, kind="proposal"),  # 4 kept (proposals: 0.0), clipped -> 1
         region((10, 10, 20, 20), None, "cat", source="human:coco"),  # 5 kept -> 2
     ]
@@ -421,7 +270,7 @@ def test_decide_regions_drops_with_reasons_and_remaps_phrases():
         phrase([2, 3], "a bird"),  # every region dropped
         phrase([5, 4], "a cat"),
     ]
-    decision = decide_regions(make_record(regions, phrases))
+    decision = decide(make_record(regions, phrases))
     assert decision.keep
     assert [r.box for r in decision.regions] == [(0, 0, 50, 50), (60, 60, 90, 80), (10, 10, 20, 20)]
     assert [(r.box, reason) for r, reason in decision.dropped_regions] == [
@@ -444,7 +293,7 @@ def test_min_score_per_source_overrides_the_kind():
         region((20, 0, 30, 10), 0.5, source="det:yolo"),
         region((40, 0, 50, 10), math.nan, source="det:yolo"),
     ]
-    decision = decide_regions(make_record(regions), min_score_by_source={"det:dino": 0.6})
+    decision = decide(make_record(regions), min_score_by_source={"det:dino": 0.6})
     assert [r.source for r in decision.regions] == ["det:yolo"]
     assert [(r.source, reason) for r, reason in decision.dropped_regions] == [
         ("det:dino@1.0", LOW_SCORE),
@@ -460,15 +309,14 @@ def test_too_many_objects_drops_the_image_counted_after_nms():
         region((20, 20, 30, 30), 0.9),
         *[region((40 + i, 0, 45 + i, 5), 0.9, kind="ocr", text=f"t{i}") for i in range(5)],
     ]
-    assert decide_regions(make_record(regions), max_objects=2).keep
-    decision = decide_regions(make_record(regions), max_objects=1)
+    assert decide(make_record(regions), max_objects=2).keep
+    decision = decide(make_record(regions), max_objects=1)
     assert decision.image_reason == TOO_MANY_OBJECTS
     # Without NMS the duplicate counts.
     assert (
-        decide_regions(make_record(regions), max_objects=2, nms_iou=None).image_reason
-        == TOO_MANY_OBJECTS
+        decide(make_record(regions), max_objects=2, nms_iou=None).image_reason == TOO_MANY_OBJECTS
     )
-    assert decide_regions(make_record(regions), max_objects=None, nms_iou=None).keep
+    assert decide(make_record(regions), max_objects=None, nms_iou=None).keep
 
 
 @given(st.lists(st.lists(st.integers(0, 9), max_size=4), max_size=8), st.sets(st.integers(0, 9)))

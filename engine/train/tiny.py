@@ -39,6 +39,7 @@ from transformers import (
 )
 
 from engine.train.config import TinyModelConfig
+from filters.grounding import BANNED_GROUNDING_TOKENS
 
 # BART's special tokens at BART's ids: <s>=0, <pad>=1, </s>=2, <unk>=3.
 BART_SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
@@ -53,27 +54,10 @@ FLORENCE2_TOKENS = [
     "</region_to_desciption>", "<proposal>", "</proposal>", "<poly>", "</poly>", "<and>",
 ]  # fmt: skip
 
-# The released processor's list of phrases that phrase-grounding parsing drops.
-_BANNED_WORDS = """
-it I me mine you your yours he him his she her hers they them their theirs one oneself we us
-our ours its myself yourself himself herself itself ourselves yourselves themselves this that
-these those who whom whose which what all another any anybody anyone anything each everybody
-everyone everything few many nobody none several some somebody someone something image
-images the a an lots
-"""
-BANNED_GROUNDING_TOKENS = [
-    *_BANNED_WORDS.split(),
-    "each other",
-    "one another",
-    "the image",
-    "a group",
-    "other objects",
-    "a set",
-]
-
 POST_PROCESSOR_CONFIG = {
     "ocr": {},
-    "phrase_grounding": {"banned_grounding_tokens": BANNED_GROUNDING_TOKENS},
+    # The released processor's list of phrases that phrase-grounding parsing drops.
+    "phrase_grounding": {"banned_grounding_tokens": sorted(BANNED_GROUNDING_TOKENS)},
     "pure_text": {},
     "description_with_bboxes": {},
     "description_with_polygons": {},
