@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from engine.config import SpecialistConfig
 from engine.records import CAPTION_KINDS, Caption
-from specialists.base import Annotations, Specialist, SpecialistInput
+from specialists.base import Annotations, Specialist, SpecialistInput, load_pretrained
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -38,6 +38,7 @@ class CaptionerSpecialist(Specialist):
     """Captions of the requested kinds; one ``generate`` call per kind over the batch."""
 
     produces = frozenset({"captions"})
+    requires_model = True
 
     def __init__(
         self,
@@ -79,18 +80,11 @@ class CaptionerSpecialist(Specialist):
         self._stop_ids: set[int] = set()
 
     def setup(self) -> None:
-        import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        if self.config.model is None:
-            raise ValueError(f"specialist {self.config.name!r}: a captioner needs a model")
-        revision = self.pinned_revision()
-        load = {"revision": revision, "trust_remote_code": self.config.trust_remote_code}
-        self._processor = AutoProcessor.from_pretrained(self.config.model, **load)
-        model = AutoModelForImageTextToText.from_pretrained(
-            self.config.model, dtype=getattr(torch, self.config.dtype), **load
-        )
-        self._model = model.to(self.device).eval()
+        loaded = load_pretrained(self.config, AutoModelForImageTextToText, AutoProcessor)
+        self._model, self._processor = loaded.model, loaded.processor
+        self._loaded_revision = loaded.model_revision
         tokenizer = self._processor.tokenizer
         # Decoder-only models continue the prompt: pad on the left so every row of a batch
         # ends where generation starts.

@@ -41,10 +41,10 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from engine.config import SpecialistConfig
-from engine.geometry import clip_points
-from engine.records import CAPTION_KINDS, Box, Caption, Phrase, Region, box_is_finite
+from engine.geometry import all_finite, clip_points, is_valid_polygon
+from engine.records import CAPTION_KINDS, Box, Caption, Phrase, Region
 from refinement.targets import CAPTION_TASKS, LOC_BINS, box_tokens, dequantise
-from specialists.base import Annotations, Specialist, SpecialistInput
+from specialists.base import Annotations, Specialist, SpecialistInput, load_pretrained
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -100,6 +100,8 @@ class Prompt:
 class Florence2Specialist(Specialist):
     """Runs one Florence-2 task; see the module docstring for tasks, outputs and scores."""
 
+    requires_model = True
+
     def __init__(
         self,
         config: SpecialistConfig,
@@ -147,21 +149,11 @@ class Florence2Specialist(Specialist):
         self._loc_bins: dict[int, int] = {}
 
     def setup(self) -> None:
-        import torch
         from transformers import AutoProcessor, Florence2ForConditionalGeneration
 
-        if self.config.model is None:
-            raise ValueError(f"specialist {self.config.name!r}: Florence-2 needs a model")
-        # Lineage (model_revision) names the commit this resolves to.
-        load = {
-            "revision": self.pinned_revision(),
-            "trust_remote_code": self.config.trust_remote_code,
-        }
-        self._processor = AutoProcessor.from_pretrained(self.config.model, **load)
-        model = Florence2ForConditionalGeneration.from_pretrained(
-            self.config.model, dtype=getattr(torch, self.config.dtype), **load
-        )
-        self._model = model.to(self.device).eval()
+        loaded = load_pretrained(self.config, Florence2ForConditionalGeneration, AutoProcessor)
+        self._model, self._processor = loaded.model, loaded.processor
+        self._loaded_revision = loaded.model_revision
         tokenizer = self._processor.tokenizer
         self._loc_bins = {tokenizer.convert_tokens_to_ids(f"<loc_{i}>"): i for i in range(LOC_BINS)}
 
@@ -189,7 +181,7 @@ class Florence2Specialist(Specialist):
             return [
                 Prompt(SEGMENTATION + box_tokens(region.box, width, height), region=region)
                 for region in item.record.regions
-                if region.kind == "object" and box_is_finite(region.box)
+                if region.kind == "object" and all_finite(region.box)
             ]
         return [Prompt(self.task)]
 
@@ -277,7 +269,7 @@ class Florence2Specialist(Specialist):
             clip_points(part, width, height)
             for instance in parsed["polygons"]
             for part in instance
-            if len(part) >= 6
+            if is_valid_polygon(part)
         ]
         if region is None or not parts:
             return Annotations()

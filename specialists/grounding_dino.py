@@ -30,7 +30,12 @@ from typing import TYPE_CHECKING, Any
 from engine.config import SpecialistConfig
 from engine.geometry import box_in_image
 from engine.records import Box, Phrase, Region
-from specialists.base import Annotations, Specialist, SpecialistInput
+from specialists.base import (
+    Annotations,
+    OpenVocabularyDetector,
+    SpecialistInput,
+    load_pretrained,
+)
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -46,7 +51,7 @@ class VocabularyPrompt:
     entries: tuple[tuple[int, tuple[int, ...]], ...]
 
 
-class GroundingDINOSpecialist(Specialist):
+class GroundingDINOSpecialist(OpenVocabularyDetector):
     """Grounding DINO boxes for a category vocabulary and/or the phrases of captions."""
 
     def __init__(
@@ -65,45 +70,24 @@ class GroundingDINOSpecialist(Specialist):
         0.25 is the released models' default. Lower gives longer phrases, higher
         shorter ones and more boxes with no phrase at all.
         """
-        super().__init__(config)
-        if not config.model:
-            raise ValueError(
-                f"specialist {config.name!r}: Grounding DINO needs `model` (hub id or path)"
-            )
-        if not vocabulary and not ground_captions:
-            raise ValueError(
-                f"specialist {config.name!r}: give a vocabulary, ground_captions=True, or both"
-            )
-        if any(not isinstance(v, str) or not v.strip() for v in vocabulary):
-            raise ValueError(f"specialist {config.name!r}: vocabulary entries must be non-empty")
-        self.vocabulary = [v.strip() for v in vocabulary]
-        self.ground_captions = ground_captions
+        super().__init__(config, vocabulary, ground_captions)
         self.min_score = min_score
         self.text_threshold = text_threshold
-        self.produces = frozenset({"objects"} if self.vocabulary else set()) | frozenset(
-            {"grounding"} if ground_captions else set()
-        )
-        self.needs = frozenset({"captions"} if ground_captions else set())
         self._model: Any = None
         self._processor: Any = None
         self._prompts: list[VocabularyPrompt] = []
 
     def setup(self) -> None:
-        import torch
         from transformers import GroundingDinoForObjectDetection, GroundingDinoProcessor
 
-        # Pin the revision to one commit, so processor and weights come from the same
-        # repository state and lineage names that commit (local folders stay as they are).
-        revision = self.pinned_revision()
-        load = {"revision": revision, "trust_remote_code": self.config.trust_remote_code}
-        self._processor = GroundingDinoProcessor.from_pretrained(self.config.model, **load)
-        model = GroundingDinoForObjectDetection.from_pretrained(
-            self.config.model, dtype=getattr(torch, self.config.dtype), **load
+        loaded = load_pretrained(
+            self.config, GroundingDinoForObjectDetection, GroundingDinoProcessor
         )
-        self._model = model.to(self.device).eval()
+        self._model, self._processor = loaded.model, loaded.processor
+        self._loaded_revision = loaded.model_revision
         if self.vocabulary:
             self._prompts = vocabulary_prompts(
-                self.vocabulary, self._processor.tokenizer, model.config.max_text_len
+                self.vocabulary, self._processor.tokenizer, self._model.config.max_text_len
             )
 
     def annotate(self, batch: list[SpecialistInput]) -> list[Annotations]:

@@ -30,13 +30,18 @@ from typing import TYPE_CHECKING, Any
 from engine.config import SpecialistConfig
 from engine.geometry import box_in_image
 from engine.records import Box, Phrase, Region
-from specialists.base import Annotations, Specialist, SpecialistInput
+from specialists.base import (
+    Annotations,
+    OpenVocabularyDetector,
+    SpecialistInput,
+    load_pretrained,
+)
 
 if TYPE_CHECKING:
     import torch
 
 
-class OWLv2Specialist(Specialist):
+class OWLv2Specialist(OpenVocabularyDetector):
     """OWLv2 boxes for a category vocabulary and/or the noun phrases of captions."""
 
     def __init__(
@@ -48,29 +53,15 @@ class OWLv2Specialist(Specialist):
         min_score: float = 0.05,
     ) -> None:
         """
-        ``vocabulary``: category names to detect, used as the text queries as written
+        ``vocabulary``: category names to detect, used as the text queries as written (stripped)
         (they become the regions' texts). ``ground_captions``: also ground the noun
         phrases of every caption the record has. ``spacy_model``: the pipeline that finds
         the noun phrases (loaded in ``setup()`` only when grounding). ``min_score``:
         boxes whose best query scores at or below it are not returned.
         """
-        super().__init__(config)
-        if not config.model:
-            raise ValueError(f"specialist {config.name!r}: OWLv2 needs `model` (hub id or path)")
-        if not vocabulary and not ground_captions:
-            raise ValueError(
-                f"specialist {config.name!r}: give a vocabulary, ground_captions=True, or both"
-            )
-        if any(not isinstance(v, str) or not v.strip() for v in vocabulary):
-            raise ValueError(f"specialist {config.name!r}: vocabulary entries must be non-empty")
-        self.vocabulary = list(vocabulary)
-        self.ground_captions = ground_captions
+        super().__init__(config, vocabulary, ground_captions)
         self.spacy_model = spacy_model
         self.min_score = min_score
-        self.produces = frozenset({"objects"} if self.vocabulary else set()) | frozenset(
-            {"grounding"} if ground_captions else set()
-        )
-        self.needs = frozenset({"captions"} if ground_captions else set())
         self._model: Any = None
         self._processor: Any = None
         self._nlp: Any = None
@@ -80,15 +71,9 @@ class OWLv2Specialist(Specialist):
         import torch
         from transformers import Owlv2ForObjectDetection, Owlv2Processor
 
-        # Pin the revision to one commit, so processor and weights come from the same
-        # repository state and lineage names that commit (local folders stay as they are).
-        revision = self.pinned_revision()
-        load = {"revision": revision, "trust_remote_code": self.config.trust_remote_code}
-        self._processor = Owlv2Processor.from_pretrained(self.config.model, **load)
-        model = Owlv2ForObjectDetection.from_pretrained(
-            self.config.model, dtype=getattr(torch, self.config.dtype), **load
-        )
-        self._model = model.to(self.device).eval()
+        loaded = load_pretrained(self.config, Owlv2ForObjectDetection, Owlv2Processor)
+        self._model, self._processor = loaded.model, loaded.processor
+        self._loaded_revision = loaded.model_revision
         if self.vocabulary:
             with torch.inference_mode():
                 self._vocabulary_embeds = self._embed_queries(self.vocabulary)

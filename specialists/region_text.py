@@ -56,7 +56,7 @@ from specialists.base import (
     Annotations,
     Specialist,
     SpecialistInput,
-    pin_revision,
+    load_pretrained,
     revision_label,
 )
 from specialists.captioner import CaptionerSpecialist
@@ -173,6 +173,7 @@ class RegionTextSpecialist(Specialist):
 
     produces = frozenset({"region_text"})
     needs = frozenset({"objects"})
+    requires_model = True
 
     def __init__(
         self,
@@ -188,10 +189,10 @@ class RegionTextSpecialist(Specialist):
     ) -> None:
         """Options:
 
-        - ``similarity_model``: a CLIP or SigLIP checkpoint (hub id or local path) that
-          ``AutoModel`` loads with ``get_image_features`` / ``get_text_features``; None
-          chooses by the rule. ``similarity_revision`` pins it as ``revision`` pins the
-          captioner.
+        - ``similarity_model``: a CLIP or SigLIP checkpoint (hub id, local folder or store
+          URL) that ``AutoModel`` loads with ``get_image_features`` /
+          ``get_text_features``; None chooses by the rule. ``similarity_revision`` pins
+          it as ``revision`` pins the captioner.
         - ``spacy_model``: the spaCy pipeline for noun chunks and lemmas.
         - ``context``: the crop's margin, a fraction of the box's width and height added
           on each side (0 crops the box exactly).
@@ -220,7 +221,7 @@ class RegionTextSpecialist(Specialist):
         self.crops_per_batch = crops_per_batch
         self._similarity: Any = None
         self._similarity_processor: Any = None
-        self._similarity_commit: str | None = None
+        self._similarity_loaded_revision: str | None = None
         self._nlp: Any = None
 
     @property
@@ -229,8 +230,8 @@ class RegionTextSpecialist(Specialist):
         captioner = self._captioner.model_revision
         if self.similarity_model is None:
             return captioner
-        similarity = revision_label(
-            self.similarity_model, self.similarity_revision, self._similarity_commit
+        similarity = self._similarity_loaded_revision or revision_label(
+            self.similarity_model, self.similarity_revision
         )
         return f"{captioner}+{similarity}"
 
@@ -240,20 +241,17 @@ class RegionTextSpecialist(Specialist):
         self._captioner.setup()
         self._nlp = load_pipeline(self.spacy_model, lemmas=True)
         if self.similarity_model is not None:
-            import torch
             from transformers import AutoModel, AutoProcessor
 
-            revision, self._similarity_commit = pin_revision(
-                self.similarity_model, self.similarity_revision
+            loaded = load_pretrained(
+                self.config,
+                AutoModel,
+                AutoProcessor,
+                model_id=self.similarity_model,
+                revision=self.similarity_revision,
             )
-            load = {"revision": revision, "trust_remote_code": self.config.trust_remote_code}
-            self._similarity_processor = AutoProcessor.from_pretrained(
-                self.similarity_model, **load
-            )
-            model = AutoModel.from_pretrained(
-                self.similarity_model, dtype=getattr(torch, self.config.dtype), **load
-            )
-            self._similarity = model.to(self.device).eval()
+            self._similarity, self._similarity_processor = loaded.model, loaded.processor
+            self._similarity_loaded_revision = loaded.model_revision
 
     def annotate(self, batch: list[SpecialistInput]) -> list[Annotations]:
         import torch

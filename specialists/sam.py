@@ -26,7 +26,7 @@ from skimage import measure
 from engine.config import SpecialistConfig
 from engine.geometry import box_in_image
 from engine.records import Region
-from specialists.base import Annotations, Specialist, SpecialistInput
+from specialists.base import Annotations, Specialist, SpecialistInput, load_pretrained
 
 if TYPE_CHECKING:
     import torch
@@ -133,6 +133,7 @@ class SAMSpecialist(Specialist):
 
     produces = frozenset({"polygons"})
     needs = frozenset({"objects"})
+    requires_model = True
 
     def __init__(
         self,
@@ -172,18 +173,11 @@ class SAMSpecialist(Specialist):
         self._processor = None
 
     def setup(self) -> None:
-        import torch
         from transformers import SamModel, SamProcessor
 
-        if self.config.model is None:
-            raise ValueError(f"specialist {self.config.name!r}: SAM needs a model")
-        revision = self.pinned_revision()
-        load = {"revision": revision, "trust_remote_code": self.config.trust_remote_code}
-        self._processor = SamProcessor.from_pretrained(self.config.model, **load)
-        model = SamModel.from_pretrained(
-            self.config.model, dtype=getattr(torch, self.config.dtype), **load
-        )
-        self._model = model.to(self.device).eval()
+        loaded = load_pretrained(self.config, SamModel, SamProcessor)
+        self._model, self._processor = loaded.model, loaded.processor
+        self._loaded_revision = loaded.model_revision
 
     def annotate(self, batch: list[SpecialistInput]) -> list[Annotations]:
         import torch

@@ -1,11 +1,21 @@
 """Every shipped config loads and validates; bad configs and overrides fail with ConfigError."""
 
+import inspect
 import re
 
 import pytest
 
-from engine.config import CONFIG_DIR, ConfigError, EngineConfig, load_config
-from engine.run import check_specialists
+from engine.config import (
+    CONFIG_DIR,
+    ConfigError,
+    EngineConfig,
+    GroundingFilterConfig,
+    RegionFilterConfig,
+    load_config,
+)
+from engine.pipeline import check_specialists
+from filters.grounding import decide_grounding
+from filters.regions import decide_regions
 
 CONFIG_FILES = sorted([*CONFIG_DIR.rglob("*.yaml"), *CONFIG_DIR.rglob("*.yml")])
 
@@ -152,3 +162,32 @@ def test_empty_file_gives_the_defaults(tmp_path):
 def test_every_config_names_specialists_that_exist_with_fitting_options(path):
     """Kinds import, options bind to the constructors, needs form no cycle; no model loads."""
     check_specialists(load_config(path))
+
+
+def test_a_specialist_that_loads_weights_without_a_model_is_refused_when_checked(tmp_path):
+    """Before any actor starts, not in its setup()."""
+    text = "annotate:\n  specialists:\n    - {name: caption_brief, kind: captioner}\n"
+    with pytest.raises(ConfigError, match="'caption_brief': CaptionerSpecialist needs `model`"):
+        check_specialists(load_config(write(tmp_path, text)))
+
+
+# ------------------------------------------------------------------ filter thresholds
+
+
+@pytest.mark.parametrize(
+    ("decide", "config"),
+    [(decide_regions, RegionFilterConfig()), (decide_grounding, GroundingFilterConfig())],
+    ids=["region", "grounding"],
+)
+def test_filter_thresholds_have_their_defaults_only_in_the_config(decide, config):
+    # A default in the filter's signature would be a second copy that can drift.
+    thresholds = list(inspect.signature(decide).parameters.values())[1:]
+    assert thresholds
+    for parameter in thresholds:
+        assert parameter.default is inspect.Parameter.empty, parameter.name
+        assert hasattr(config, parameter.name), parameter.name
+
+
+def test_region_thresholds_per_kind():
+    config = RegionFilterConfig(min_score=0.7, min_score_ocr=0.2, min_score_proposal=0.1)
+    assert config.min_score_by_kind == {"object": 0.7, "ocr": 0.2, "proposal": 0.1}

@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from engine.config import AnnotateConfig, SpecialistConfig, load_config
+from engine.layout import round_layout
 from engine.records import Caption, ImageRecord, Phrase, Region, records_from_table
 from engine.store import Store
 from specialists.base import SpecialistInput
 from specialists.grounding_dino import GroundingDINOSpecialist, label_span, vocabulary_prompts
 from specialists.owlv2 import OWLv2Specialist, noun_phrases
-from stages.annotate import annotate_dataset, run_annotate
+from stages.annotate import run_annotate
 from stages.ingest import plan_ingest, run_ingest
 from tests.inputs import encode, photo, write_coco
 from tests.tiny_detectors import build_grounding_dino, build_owlv2
@@ -277,7 +278,7 @@ def test_owlv2_runs_as_an_actor_pool_on_ingested_captions(tmp_path, checkpoints,
 
     assert summary.inputs == summary.outputs == len(SIZES)
     manifest = {r.image_id: r for r in records_from_table(store.read("manifest"))}
-    table = store.read(annotate_dataset(0, "owl"))
+    table = store.read(round_layout(0).annotate("owl"))
     assert table.column("error").to_pylist() == [None] * len(SIZES)
     records = records_from_table(table)
     assert sorted(r.image_id for r in records) == sorted(manifest)

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from engine.config import AnnotateConfig, SpecialistConfig, load_config
+from engine.layout import round_layout
 from engine.records import (
     CAPTION_KINDS,
     REGION_KINDS,
@@ -31,7 +32,7 @@ from refinement.targets import dequantise, florence2_targets
 from specialists import build_specialist
 from specialists.base import Annotations, SpecialistInput
 from specialists.florence2 import TASKS, Florence2Specialist, Generation, Prompt
-from stages.annotate import annotate_dataset, run_annotate
+from stages.annotate import run_annotate
 from stages.ingest import plan_ingest, run_ingest
 from tests.inputs import encode, photo, write_coco
 from tests.tiny_florence2 import build_florence2_processor, build_tiny_florence2_model
@@ -471,7 +472,7 @@ def test_grounding_as_an_actor_pool_over_ingested_captions(tmp_path, checkpoint,
     config = base.model_copy(update={"annotate": AnnotateConfig(specialists=(grounder,))})
     summary = run_annotate(store, config, 0)
     assert summary.inputs == len(sizes)
-    table = store.read(annotate_dataset(0, "ground"))
+    table = store.read(round_layout(0).annotate("ground"))
     assert table.column("error").to_pylist() == [None] * len(sizes)
     records = records_from_table(table)
     assert sum(1 for r in records if r.phrases) == len(sizes) - 1

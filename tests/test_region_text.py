@@ -11,6 +11,7 @@ from PIL import Image
 from transformers import AutoModel, AutoProcessor
 
 from engine.config import AnnotateConfig, SpecialistConfig, load_config
+from engine.layout import round_layout
 from engine.records import IMAGE_COLUMN, ImageRecord, Region, records_from_table
 from engine.store import Store
 from filters.text import load_pipeline
@@ -24,9 +25,9 @@ from specialists.region_text import (
     crop_box,
     region_candidates,
 )
-from stages.annotate import annotate_dataset, run_annotate
+from stages.annotate import run_annotate
 from stages.ingest import plan_ingest, run_ingest
-from stages.merge import merged_dataset, run_merge
+from stages.merge import run_merge
 from tests.inputs import encode, photo, write_coco
 from tests.tiny_vision_models import build_blip, build_clip
 
@@ -270,7 +271,7 @@ def test_region_texts_in_the_annotate_and_merge_stages(
     summary = run_annotate(store, config, 0)
     assert summary.outputs == 4  # two images, two specialists
 
-    texts = {r.width: r for r in records_from_table(store.read(annotate_dataset(0, "rt")))}
+    texts = {r.width: r for r in records_from_table(store.read(round_layout(0).annotate("rt")))}
     # One text per object box: the detector's quarter and, on a.jpg, the human dog.
     assert [len(texts[width].regions) for width in (64, 40)] == [2, 1]
     manifest = store.read("manifest")
@@ -290,7 +291,7 @@ def test_region_texts_in_the_annotate_and_merge_stages(
             assert region.source == f"rt:{checkpoints['blip']}@local+{checkpoints['clip']}@local"
 
     summary = run_merge(store, config, 0)
-    merged = {r.width: r for r in records_from_table(store.read(merged_dataset(0)))}
+    merged = {r.width: r for r in records_from_table(store.read(round_layout(0).merged))}
     quarter = {64: (0, 0, 32, 24), 40: (0, 0, 20, 35)}
     for width, merged_record in merged.items():
         by_box = {r.box: r for r in merged_record.regions}
@@ -300,5 +301,5 @@ def test_region_texts_in_the_annotate_and_merge_stages(
         assert detected.source.startswith("det:") and detected.score == 0.5
     assert merged[64].regions[0].text == "dog"  # the human label's text is never replaced
     assert merged[64].regions[0].source == "human:coco"
-    assert summary.dropped["region: text from rt"] == 2
+    assert summary.notes["region: text from rt"] == 2
     assert summary.dropped["region text: human label kept"] == 1

@@ -7,12 +7,13 @@ import torch
 from pycocotools import mask as mask_utils
 
 from engine.config import AnnotateConfig, SpecialistConfig, load_config
+from engine.layout import round_layout
 from engine.records import ImageRecord, Region, records_from_table
 from engine.store import Store
 from specialists.base import SpecialistInput
 from specialists.captioner import CaptionerSpecialist
 from specialists.sam import SAMSpecialist, checked_polygons, mask_to_polygons
-from stages.annotate import annotate_dataset, run_annotate
+from stages.annotate import run_annotate
 from stages.ingest import plan_ingest, run_ingest
 from tests.inputs import encode, photo, write_coco
 from tests.tiny_vision_models import build_blip, build_blip2, build_llava, build_sam
@@ -282,7 +283,7 @@ def test_sam_and_captioner_run_as_actor_pools(tmp_path, checkpoints, ray_cluster
     )
     assert summary.inputs == 6 and summary.outputs == 6
 
-    segmented = store.read(annotate_dataset(0, "sam"))
+    segmented = store.read(round_layout(0).annotate("sam"))
     assert set(segmented.column("error").to_pylist()) == {None}
     by_size = {(r.width, r.height): r for r in records_from_table(segmented)}
     assert [len(by_size[size].regions) for size in sizes.values()] == [2, 1, 0]
@@ -295,7 +296,7 @@ def test_sam_and_captioner_run_as_actor_pools(tmp_path, checkpoints, ray_cluster
                 assert_polygons_well_formed(region.polygons, width, height)
     assert by_size[(64, 48)].regions[1].box == (40, 20, 64, 48)
 
-    captioned = records_from_table(store.read(annotate_dataset(0, "blip")))
+    captioned = records_from_table(store.read(round_layout(0).annotate("blip")))
     assert len(captioned) == 3
     for record in captioned:
         brief = record.captions["brief"]
