@@ -10,7 +10,6 @@ labels that came in with the input).
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -283,5 +282,165 @@ def quarantine_to_table(entries: Sequence[QuarantineEntry]) -> pa.Table:
     return pa.Table.from_pylist([dataclasses.asdict(e) for e in entries], schema=QUARANTINE_SCHEMA)
 
 
-def box_is_finite(box: Sequence[float]) -> bool:
-    return all(math.isfinite(v) for v in box)
+# ---------------------------------------------------------------- exported samples
+#
+# The ``<key>.json`` of a WebDataset sample (DESIGN.md, export format). It carries the
+# regions' lineage but not the captions' or phrases', nor ``uri`` and ``sha256``: a
+# trainer needs none of them, and the image's bytes travel beside the JSON.
+
+
+def record_to_sample(record: ImageRecord) -> dict[str, Any]:
+    """The sample JSON of a record, less ``florence2`` (stages/export.py adds the targets).
+
+    Every caption kind is present, ``None`` when the record lacks it. The dict shares no
+    list with the record.
+    """
+    return {
+        "image_id": record.image_id,
+        "width": record.width,
+        "height": record.height,
+        "source": record.source,
+        "captions": {kind: record.caption_text(kind) for kind in CAPTION_KINDS},
+        "regions": [
+            {
+                "box": list(region.box),
+                "text": region.text,
+                "kind": region.kind,
+                "score": region.score,
+                "source": region.source,
+                "polygons": None if region.polygons is None else [list(p) for p in region.polygons],
+                "quad": None if region.quad is None else list(region.quad),
+            }
+            for region in record.regions
+        ],
+        "phrases": [
+            {
+                "caption": phrase.caption,
+                "start": phrase.start,
+                "end": phrase.end,
+                "text": phrase.text,
+                "regions": list(phrase.regions),
+            }
+            for phrase in record.phrases
+        ],
+    }
+
+
+def record_from_sample(sample: Any) -> ImageRecord:
+    """The record of a sample JSON (parsed); ValueError saying where it is not the format.
+
+    The inverse of :func:`record_to_sample`: every field of the format must be present
+    with its type (``null`` only where the format allows it), and keys outside the format
+    (``florence2``) are ignored. What the format does not carry comes back empty: ``uri``
+    and ``sha256`` ``""``, the captions' and phrases' ``source`` ``""`` with ``score`` and
+    ``round`` None, the regions' ``round`` None. Values are checked, not cross-checked:
+    a non-finite box or a phrase pointing past the regions is left for the reader to
+    ignore, as the engine's own stages do.
+    """
+    if not isinstance(sample, dict):
+        raise ValueError(f"a sample is a JSON object, not {_kind(sample)}")
+    image_id = _get(sample, "image_id", "sample", str)
+    source = _get(sample, "source", "sample", str)
+    width, height = (_get(sample, key, "sample", int) for key in ("width", "height"))
+    if width <= 0 or height <= 0:
+        raise ValueError(f"sample: an image of {width}x{height} pixels")
+    captions_in = _get(sample, "captions", "sample", dict)
+    unknown = set(captions_in) - set(CAPTION_KINDS)
+    if unknown:
+        raise ValueError(f"sample: unknown caption kinds {sorted(unknown)}")
+    captions = {}
+    for kind in CAPTION_KINDS:
+        text = _get(captions_in, kind, "captions", str, nullable=True)
+        if text is not None:
+            captions[kind] = Caption(text, source="")
+    regions = []
+    for i, region in enumerate(_get(sample, "regions", "sample", list)):
+        where = f"regions[{i}]"
+        if not isinstance(region, dict):
+            raise ValueError(f"{where} is {_kind(region)}, not an object")
+        polygons = _get(region, "polygons", where, list, nullable=True)
+        quad = _get(region, "quad", where, list, nullable=True)
+        score = _get(region, "score", where, (int, float), nullable=True)
+        regions.append(
+            Region(
+                box=tuple(_numbers(_get(region, "box", where, list), f"{where}.box", 4)),
+                text=_get(region, "text", where, str),
+                kind=_get(region, "kind", where, str, choices=REGION_KINDS),
+                source=_get(region, "source", where, str),
+                score=None if score is None else float(score),
+                polygons=None
+                if polygons is None
+                else [_numbers(p, f"{where}.polygons[{k}]") for k, p in enumerate(polygons)],
+                quad=None if quad is None else _numbers(quad, f"{where}.quad", 8),
+            )
+        )
+    phrases = []
+    for i, phrase in enumerate(_get(sample, "phrases", "sample", list)):
+        where = f"phrases[{i}]"
+        if not isinstance(phrase, dict):
+            raise ValueError(f"{where} is {_kind(phrase)}, not an object")
+        indices = _get(phrase, "regions", where, list)
+        if not all(isinstance(k, int) and not isinstance(k, bool) for k in indices):
+            raise ValueError(f"{where}: region indices are integers")
+        phrases.append(
+            Phrase(
+                caption=_get(phrase, "caption", where, str, choices=CAPTION_KINDS),
+                start=_get(phrase, "start", where, int),
+                end=_get(phrase, "end", where, int),
+                text=_get(phrase, "text", where, str),
+                regions=list(indices),
+                source="",
+            )
+        )
+    return ImageRecord(
+        image_id=image_id,
+        uri="",
+        source=source,
+        width=width,
+        height=height,
+        sha256="",
+        captions=captions,
+        regions=regions,
+        phrases=phrases,
+    )
+
+
+def _kind(value: Any) -> str:
+    """A JSON value's kind, for messages: ``a list``, ``null``..."""
+    if value is None:
+        return "null"
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def _get(
+    obj: dict[str, Any],
+    key: str,
+    where: str,
+    types: type | tuple[type, ...],
+    *,
+    nullable: bool = False,
+    choices: Sequence[str] | None = None,
+) -> Any:
+    """``obj[key]``, checked to be of ``types`` (a JSON ``true`` is never a number)."""
+    if key not in obj:
+        raise ValueError(f"{where} has no {key!r}")
+    value = obj[key]
+    if value is None and nullable:
+        return None
+    if isinstance(value, bool) or not isinstance(value, types):
+        raise ValueError(f"{where}: {key!r} is {_kind(value)}")
+    if choices is not None and value not in choices:
+        raise ValueError(f"{where}: {key!r} is {value!r}, not one of {tuple(choices)}")
+    return value
+
+
+def _numbers(values: Any, where: str, count: int | None = None) -> list[float]:
+    """A JSON list of numbers as floats; NaN and infinities pass (readers skip them)."""
+    if not isinstance(values, list):
+        raise ValueError(f"{where} is {_kind(values)}, not a list of numbers")
+    if count is not None and len(values) != count:
+        raise ValueError(f"{where} has {len(values)} values, not {count}")
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"{where} holds something other than numbers")
+    return [float(v) for v in values]

@@ -13,7 +13,15 @@ import pytest
 import torch
 
 from engine.config import ExportConfig
-from engine.records import Caption, ImageRecord, Phrase, Region, records_to_table
+from engine.layout import round_layout
+from engine.records import (
+    Caption,
+    ImageRecord,
+    Phrase,
+    Region,
+    record_from_sample,
+    records_to_table,
+)
 from engine.store import Store
 from engine.train.config import IMAGE_TOKEN, TrainDataConfig
 from engine.train.data import (
@@ -49,6 +57,8 @@ SHARD_SAMPLES = 3  # several shards per unit
 
 
 # ---------------------------------------------------------------- hand-made records
+
+# Written as sample JSON, the way the trainer reads them (engine.records.record_from_sample).
 
 # 1000 x 500 pixels: a bin is one pixel across and half a pixel down, so the expected
 # coordinates are exact: x -> x, y -> 2y.
@@ -119,7 +129,7 @@ def asked(question: str, prompts: tuple[str, ...], **fields: str) -> bool:
 )
 def test_stage1_takes_the_most_detailed_caption(captions, expected):
     record = {**bare_record(), "captions": captions}
-    conversation = caption_conversation(record, b"jpg", random.Random(0))
+    conversation = caption_conversation(record_from_sample(record), b"jpg", random.Random(0))
     if expected is None:
         assert conversation is None
         return
@@ -133,7 +143,9 @@ def test_stage1_takes_the_most_detailed_caption(captions, expected):
 
 
 def stage2(record: dict, task: str) -> list[tuple[str, str]]:
-    conversations = instruction_conversations(record, b"jpg", [task], random.Random(1))
+    conversations = instruction_conversations(
+        record_from_sample(record), b"jpg", [task], random.Random(1)
+    )
     assert all(c.task == task and c.image == b"jpg" for c in conversations)
     return pairs(conversations[0]) if conversations else []
 
@@ -204,12 +216,14 @@ def test_ocr_task_reads_then_locates_in_reading_order():
 
 @pytest.mark.parametrize("task", ["region", "grounding", "ocr", "counting", "referring"])
 def test_a_record_without_the_data_gives_no_sample(task):
-    assert instruction_conversations(bare_record(), b"jpg", [task], random.Random(0)) == []
+    bare = record_from_sample(bare_record())
+    assert instruction_conversations(bare, b"jpg", [task], random.Random(0)) == []
     # Only unusable annotations: a proposal, a non-finite box, a phrase pointing at it.
     record = rich_record()
     record["regions"] = [record["regions"][7], record["regions"][8]]
     record["phrases"] = [{**record["phrases"][3], "regions": [1]}, record["phrases"][3]]
-    assert instruction_conversations(record, b"jpg", [task], random.Random(0)) == []
+    unusable = record_from_sample(record)
+    assert instruction_conversations(unusable, b"jpg", [task], random.Random(0)) == []
 
 
 def test_many_items_are_capped_per_conversation():
@@ -217,7 +231,9 @@ def test_many_items_are_capped_per_conversation():
         **bare_record(),
         "regions": [region([i, i, i + 5, i + 5], f"thing {i}") for i in range(9)],
     }
-    (conversation,) = instruction_conversations(record, b"jpg", ["region"], random.Random(0))
+    (conversation,) = instruction_conversations(
+        record_from_sample(record), b"jpg", ["region"], random.Random(0)
+    )
     assert len(pairs(conversation)) == MAX_TURNS
 
 
@@ -258,7 +274,7 @@ def shards(tmp_path_factory) -> list[str]:
         ids = tuple(r.image_id for r in chunk)
         config = ExportConfig(shard_max_samples=SHARD_SAMPLES)
         export_unit(ExportUnit(unit, store.url, "manifest", ids, "shards/r000", config))
-    write_shard_index(store, "shards/r000")
+    write_shard_index(store, round_layout(0))
     with store.fs.open(store.path("shards/r000/_index.json")) as f:
         return json.load(f)["shards"]
 

@@ -20,6 +20,8 @@ import torch.multiprocessing as mp
 from PIL import Image, ImageDraw
 
 from engine.config import load_config
+from engine.layout import round_layout
+from engine.round_state import commit_round
 from engine.run import main
 from engine.store import Store
 from engine.train.checkpoint import MARKER, latest_checkpoint, load_file
@@ -89,11 +91,12 @@ def store(tmp_path_factory, ray_cluster) -> Store:
     plan = plan_ingest([str(root / "coco" / "labels.json")], store, config.ingest)
     run_ingest(store, config, plan)
     run_export(store, config, 0)
+    commit_round(store, 0)  # what the pipeline does at the end of a round
     return store
 
 
 def shards_of(store: Store) -> list[str]:
-    return json.loads(Path(store.path("shards/r000/_index.json")).read_text())["shards"]
+    return json.loads(Path(store.path(round_layout(0).shard_index)).read_text())["shards"]
 
 
 # Stage 2 asks what is in a box: the answer ("red square") is decided by the image. A

@@ -81,8 +81,8 @@ class FusionConfig(_Section):
 
 
 class TrainDataConfig(_Section):
-    # WebDataset shards (paths, globs or URLs); empty = every shard the engine exported
-    # for the round under the store (shards/rNNN/*.tar).
+    # WebDataset shards (paths, globs or URLs); empty = the export of a committed round
+    # of the store (--round, else the latest), engine/train/inputs.py.
     shards: tuple[str, ...] = ()
     # LLaVA-style instruction JSON plus its image folder, read alongside the shards in
     # stage 2 (for existing instruction sets).

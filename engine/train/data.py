@@ -11,7 +11,8 @@ after each one:
    ``memory://``, ``s3://`` ... like the engine's store);
 3. ``{"__key__", "__url__", "jpg", "json"}``: tar members grouped into samples by
    webdataset's own ``tar_file_expander`` and ``group_by_keys``;
-4. ``(record, image bytes)``: the JSON parsed;
+4. ``(record, image bytes)``: the JSON parsed into an ``ImageRecord``
+   (``engine.records.record_from_sample``);
 5. drafts of conversations: stage 1 one caption conversation per record, stage 2 one per
    instruction task the record supports (``engine.train.instructions``), plus the LLaVA
    entries;
@@ -20,10 +21,11 @@ after each one:
 8. ``Conversation``: the image loaded (LLaVA) and decoded once to prove it readable.
 
 Error policy: a shard that cannot be opened or read (from its first error on), a sample
-missing its ``.jpg`` or ``.json``, JSON that does not parse or is not a record, a LLaVA
-entry that does not fit the format and an image that does not decode are each skipped,
-with a warning on this module's logger naming the shard and key (or file and entry) and
-one count in ``ReadStats`` under the reason. Nothing is dropped without both.
+missing its ``.jpg`` or ``.json``, JSON that is not an object, an object that is not in
+the export format, a LLaVA entry that does not fit its format and an image that does not
+decode are each skipped, with a warning on this module's logger naming the shard and key
+(or file and entry) and one count in ``ReadStats`` under the reason. Nothing is dropped
+without both.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from PIL import Image, ImageOps
 from transformers import PreTrainedTokenizerBase
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from engine.records import ImageRecord, record_from_sample
 from engine.train.config import IMAGE_TOKEN, TrainDataConfig
 from engine.train.instructions import (
     Conversation,
@@ -195,20 +198,14 @@ def _drafts(
             continue
         for url, key, record, image in _records(_samples(source, stats), stats):
             # Seeded by the record, not by its position: prompts do not depend on the order.
-            rng = _rng(seed, epoch, str(record.get("image_id", key)))
-            try:
-                if stage == "stage1":
-                    made = caption_conversation(record, image, rng)
-                    conversations = [made] if made else []
-                else:
-                    conversations = instruction_conversations(
-                        record, image, data.instruction_tasks, rng
-                    )
-            except (AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:
-                # JSON that parses but is not the export format (a field missing or of
-                # another type): one bad record must not end the epoch.
-                stats.skip(f"{url}#{key}", "malformed record", repr(exc))
-                continue
+            rng = _rng(seed, epoch, record.image_id)
+            if stage == "stage1":
+                made = caption_conversation(record, image, rng)
+                conversations = [made] if made else []
+            else:
+                conversations = instruction_conversations(
+                    record, image, data.instruction_tasks, rng
+                )
             for c in conversations:
                 yield _Draft(f"{url}#{key}", c.image, c.turns, c.image_id, c.task)
 
@@ -238,8 +235,8 @@ def _samples(url: str, stats: ReadStats) -> Iterator[dict[str, Any]]:
 
 def _records(
     samples: Iterable[dict[str, Any]], stats: ReadStats
-) -> Iterator[tuple[str, str, dict[str, Any], bytes]]:
-    """``(url, key, record, jpg)`` of each complete sample whose JSON parses."""
+) -> Iterator[tuple[str, str, ImageRecord, bytes]]:
+    """``(url, key, record, jpg)`` of each complete sample whose JSON is a record."""
     for sample in samples:
         url, key = sample["__url__"], sample["__key__"]
         where = f"{url}#{key}"
@@ -248,11 +245,18 @@ def _records(
             stats.skip(where, "incomplete sample", f"no .{' or .'.join(missing)}")
             continue
         try:
-            record = json.loads(sample["json"])
-            if not isinstance(record, dict):
-                raise ValueError(f"a {type(record).__name__}, not an object")
+            parsed = json.loads(sample["json"])
+            if not isinstance(parsed, dict):
+                raise ValueError(f"a {type(parsed).__name__}, not an object")
         except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             stats.skip(where, "bad json", exc)
+            continue
+        try:
+            record = record_from_sample(parsed)
+        except ValueError as exc:
+            # JSON that parses but is not the export format: one bad record must not end
+            # the epoch.
+            stats.skip(where, "malformed record", exc)
             continue
         yield url, key, record, sample["jpg"]
 

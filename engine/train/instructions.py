@@ -1,7 +1,8 @@
 """Conversations about one image, made from its FLD record: stage-1 captions, stage-2 tasks.
 
-A record is the ``<key>.json`` of an exported sample (DESIGN.md, export format); the image
-travels beside it as the encoded bytes the shard stores. Each function returns
+A record is an :class:`engine.records.ImageRecord`, read from the ``<key>.json`` of an
+exported sample by ``engine.records.record_from_sample``; the image travels beside it as
+the encoded bytes the shard stores. Each function returns
 :class:`Conversation` objects whose turns alternate user / assistant, starting with the
 user; the image placeholder is not in the text (``encode_conversation`` puts it in front of
 the first user turn).
@@ -42,13 +43,14 @@ with a non-finite box are ignored, and so are phrases pointing only at such regi
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from refinement.targets import quantise
+from engine.geometry import all_finite
+from engine.records import ImageRecord, Region
+from refinement.targets import quantise, reading_order
 
 # Questions per conversation for the multi-item tasks: several answers share one image's
 # visual tokens (the expensive part of a sample) while the text stays far below a
@@ -112,23 +114,22 @@ class Conversation:
 
 
 def caption_conversation(
-    record: dict[str, Any], image: bytes, rng: random.Random
+    record: ImageRecord, image: bytes, rng: random.Random
 ) -> Conversation | None:
     """Stage 1: one question for a detailed description and the record's most detailed caption.
 
     Returns None when the record has no non-blank caption.
     """
-    captions = record.get("captions") or {}
     for kind in ("more_detailed", "detailed", "brief"):
-        text = (captions.get(kind) or "").strip()
+        text = (record.caption_text(kind) or "").strip()
         if text:
             turns = (Turn("user", rng.choice(CAPTION_PROMPTS)), Turn("assistant", text))
-            return Conversation(image, turns, record["image_id"], "caption")
+            return Conversation(image, turns, record.image_id, "caption")
     return None
 
 
 def instruction_conversations(
-    record: dict[str, Any], image: bytes, tasks: Sequence[str], rng: random.Random
+    record: ImageRecord, image: bytes, tasks: Sequence[str], rng: random.Random
 ) -> list[Conversation]:
     """Stage 2: one conversation per task in ``tasks`` that the record has the data for.
 
@@ -145,7 +146,7 @@ def instruction_conversations(
             turns = tuple(
                 turn for q, a in pairs for turn in (Turn("user", q), Turn("assistant", a))
             )
-            conversations.append(Conversation(image, turns, record["image_id"], task))
+            conversations.append(Conversation(image, turns, record.image_id, task))
     return conversations
 
 
@@ -160,10 +161,6 @@ def format_coords(coords: Sequence[float], width: float, height: float) -> str:
     return "[" + ", ".join(str(quantise(v, sizes[i % 2])) for i, v in enumerate(coords)) + "]"
 
 
-def _finite(values: Sequence[float] | None, count: int) -> bool:
-    return values is not None and len(values) == count and all(math.isfinite(v) for v in values)
-
-
 # ---------------------------------------------------------------- tasks
 
 Pairs = list[tuple[str, str]]
@@ -174,39 +171,34 @@ def _text(value: str | None) -> str:
     return " ".join((value or "").split())
 
 
-def _regions(record: dict[str, Any], kind: str) -> list[tuple[int, dict[str, Any]]]:
-    """(index, region) of the record's regions of ``kind`` with text and a finite box."""
-    return [
-        (i, r)
-        for i, r in enumerate(record.get("regions") or [])
-        if r.get("kind") == kind and _text(r.get("text")) and _finite(r.get("box"), 4)
-    ]
+def _regions(record: ImageRecord, kind: str) -> list[Region]:
+    """The record's regions of ``kind`` with text and a finite box."""
+    return [r for r in record.regions if r.kind == kind and _text(r.text) and all_finite(r.box)]
 
 
 def _some(items: list[Any], rng: random.Random) -> list[Any]:
     return rng.sample(items, min(len(items), MAX_TURNS))
 
 
-def _region_pairs(record: dict[str, Any], rng: random.Random) -> Pairs:
-    w, h = record["width"], record["height"]
-    objects = [r for _, r in _regions(record, "object")]
+def _region_pairs(record: ImageRecord, rng: random.Random) -> Pairs:
+    w, h = record.width, record.height
     return [
-        (rng.choice(REGION_PROMPTS).format(box=format_coords(r["box"], w, h)), _text(r["text"]))
-        for r in _some(objects, rng)
+        (rng.choice(REGION_PROMPTS).format(box=format_coords(r.box, w, h)), _text(r.text))
+        for r in _some(_regions(record, "object"), rng)
     ]
 
 
-def _grounding_pairs(record: dict[str, Any], rng: random.Random) -> Pairs:
-    w, h = record["width"], record["height"]
-    regions = record.get("regions") or []
+def _grounding_pairs(record: ImageRecord, rng: random.Random) -> Pairs:
+    w, h = record.width, record.height
+    regions = record.regions
     # A phrase that recurs (in several captions) keeps its first grounding.
     grounded: dict[str, str] = {}
-    for phrase in record.get("phrases") or []:
-        text = _text(phrase.get("text"))
+    for phrase in record.phrases:
+        text = _text(phrase.text)
         boxes = [
-            format_coords(regions[i]["box"], w, h)
-            for i in sorted(set(phrase.get("regions") or []))
-            if 0 <= i < len(regions) and _finite(regions[i].get("box"), 4)
+            format_coords(regions[i].box, w, h)
+            for i in sorted(set(phrase.regions))
+            if 0 <= i < len(regions) and all_finite(regions[i].box)
         ]
         if text and boxes:
             grounded.setdefault(text, ", ".join(boxes))
@@ -216,25 +208,25 @@ def _grounding_pairs(record: dict[str, Any], rng: random.Random) -> Pairs:
     ]
 
 
-def _referring_pairs(record: dict[str, Any], rng: random.Random) -> Pairs:
-    w, h = record["width"], record["height"]
-    by_text: dict[str, list[dict[str, Any]]] = {}
-    for _, region in _regions(record, "object"):
-        by_text.setdefault(_text(region["text"]).lower(), []).append(region)
+def _referring_pairs(record: ImageRecord, rng: random.Random) -> Pairs:
+    w, h = record.width, record.height
+    by_text: dict[str, list[Region]] = {}
+    for region in _regions(record, "object"):
+        by_text.setdefault(_text(region.text).lower(), []).append(region)
     unique = [regions[0] for regions in by_text.values() if len(regions) == 1]
     return [
         (
-            rng.choice(REFERRING_PROMPTS).format(expression=_text(r["text"])),
-            format_coords(r["box"], w, h),
+            rng.choice(REFERRING_PROMPTS).format(expression=_text(r.text)),
+            format_coords(r.box, w, h),
         )
         for r in _some(unique, rng)
     ]
 
 
-def _counting_pairs(record: dict[str, Any], rng: random.Random) -> Pairs:
+def _counting_pairs(record: ImageRecord, rng: random.Random) -> Pairs:
     counts: dict[str, int] = {}
-    for _, region in _regions(record, "object"):
-        category = _text(region["text"]).lower()
+    for region in _regions(record, "object"):
+        category = _text(region.text).lower()
         if len(category.split()) <= MAX_CATEGORY_WORDS:
             counts[category] = counts.get(category, 0) + 1
     return [
@@ -243,39 +235,24 @@ def _counting_pairs(record: dict[str, Any], rng: random.Random) -> Pairs:
     ]
 
 
-def _ocr_pairs(record: dict[str, Any], rng: random.Random) -> Pairs:
-    w, h = record["width"], record["height"]
-    texts = _reading_order([r for _, r in _regions(record, "ocr")])
+def _ocr_pairs(record: ImageRecord, rng: random.Random) -> Pairs:
+    w, h = record.width, record.height
+    # The Florence-2 OCR targets' reading order, so both models learn one.
+    texts = reading_order(_regions(record, "ocr"))
     if not texts:
         return []
-    read = "\n".join(_text(r["text"]) for r in texts)
-    located = "\n".join(
-        _text(r["text"])
-        + " "
-        + format_coords(r["quad"] if _finite(r.get("quad"), 8) else r["box"], w, h)
-        for r in texts
-    )
+    read = "\n".join(_text(r.text) for r in texts)
+    located = "\n".join(f"{_text(r.text)} {format_coords(_ocr_shape(r), w, h)}" for r in texts)
     return [(rng.choice(OCR_READ_PROMPTS), read), (rng.choice(OCR_LOCATE_PROMPTS), located)]
 
 
-def _reading_order(regions: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Text lines top to bottom, each read left to right: the order of the Florence-2 OCR
-    targets (``refinement.targets``), so both models learn one reading order.
-
-    A region joins the current line when its vertical centre lies inside the line's first
-    region, which groups the words of a slightly uneven line without a tuned threshold.
-    """
-    lines: list[list[dict[str, Any]]] = []
-    for region in sorted(regions, key=lambda r: r["box"][1] + r["box"][3]):
-        centre = (region["box"][1] + region["box"][3]) / 2
-        if lines and lines[-1][0]["box"][1] <= centre <= lines[-1][0]["box"][3]:
-            lines[-1].append(region)
-        else:
-            lines.append([region])
-    return [region for line in lines for region in sorted(line, key=lambda r: r["box"][0])]
+def _ocr_shape(region: Region) -> Sequence[float]:
+    """The region's quadrilateral when it has a usable one, else its box."""
+    quad = region.quad
+    return quad if quad is not None and len(quad) == 8 and all_finite(quad) else region.box
 
 
-_TASKS: dict[str, Callable[[dict[str, Any], random.Random], Pairs]] = {
+_TASKS: dict[str, Callable[[ImageRecord, random.Random], Pairs]] = {
     "region": _region_pairs,
     "grounding": _grounding_pairs,
     "ocr": _ocr_pairs,

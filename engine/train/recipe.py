@@ -4,7 +4,9 @@ Reads top to bottom, like a torchtune recipe: ``setup`` (ranks, model, resume po
 ``train`` (per stage: optimiser, schedule, data stream, loop, image-reliance check),
 ``save_checkpoint`` and ``cleanup``. One code path serves one process on a CPU or GPU
 and data-parallel ranks under ``torchrun`` (nanoGPT's rule: ``RANK`` in the environment
-means DDP; gloo on CPU, nccl on GPU; rank 0 logs and saves).
+means DDP; gloo on CPU, nccl on GPU; rank 0 logs and saves). The shards and output are
+resolved beforehand (``engine.train.inputs``); each rank's resumable stream of
+conversations and the held-out images are in ``engine.train.stream``.
 
 - Optimiser: AdamW over the trainable parameters of the stage, fresh for each stage (the
   trainable set changes). Schedule: linear warmup over ``warmup_steps``, then cosine
@@ -23,15 +25,12 @@ means DDP; gloo on CPU, nccl on GPU; rank 0 logs and saves).
 
 from __future__ import annotations
 
-import hashlib
-import itertools
-import json
 import math
 import os
 import posixpath
 import random
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -39,7 +38,6 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from engine.store import Store
 from engine.summary import StageSummary
 from engine.train.checkpoint import (
     STAGE_ORDER,
@@ -51,61 +49,20 @@ from engine.train.checkpoint import (
     set_rng_state,
     write_checkpoint,
 )
-from engine.train.config import TrainConfig, TrainDataConfig, TrainStageConfig
+from engine.train.config import TrainConfig, TrainStageConfig
 from engine.train.data import (
     IGNORE_INDEX,
     Conversation,
     EncodedSample,
     collate,
     encode_conversation,
-    read_conversations,
 )
+
+# Re-exported: engine/run.py resolves the inputs, then trains, with names from here.
+from engine.train.inputs import TrainInputError as TrainInputError
+from engine.train.inputs import training_inputs as training_inputs
 from engine.train.model import build_florence_vl
-
-
-class TrainInputError(ValueError):
-    """The shards or the output cannot be resolved; raised before any work."""
-
-
-def training_inputs(
-    config: TrainConfig, store: Store | None, round_number: int | None
-) -> tuple[list[str], str]:
-    """The shards to read and the output URL, from the config or else from the store.
-
-    Shards default to the export of ``round_number`` (None = the latest exported round,
-    the highest ``shards/rNNN`` with an ``_index.json``); output defaults to
-    ``<store>/florence_vl``.
-    """
-    if store is None and (not config.data.shards or config.output is None):
-        raise TrainInputError("train needs --store, or both train.data.shards and train.output")
-    output = config.output or posixpath.join(store.url.rstrip("/"), "florence_vl")
-    if config.data.shards:
-        return list(config.data.shards), output
-    rounds = _exported_rounds(store)
-    if not rounds:
-        raise TrainInputError(f"store {store.url!r} has no exported shards; run --stage export")
-    chosen = rounds[-1] if round_number is None else round_number
-    if chosen not in rounds:
-        raise TrainInputError(f"round {chosen} has no exported shards; exported: {rounds}")
-    with store.fs.open(store.path(f"shards/r{chosen:03d}/_index.json")) as f:
-        shards = json.load(f)["shards"]
-    if not shards:
-        raise TrainInputError(f"round {chosen}'s export has no shards")
-    return shards, output
-
-
-def _exported_rounds(store: Store) -> list[int]:
-    base = store.path("shards")
-    if not store.fs.exists(base):
-        return []
-    names = (posixpath.basename(p.rstrip("/")) for p in store.fs.ls(base, detail=False))
-    return sorted(
-        int(name[1:])
-        for name in names
-        if name.startswith("r")
-        and name[1:].isdigit()
-        and store.fs.exists(posixpath.join(base, name, "_index.json"))
-    )
+from engine.train.stream import ConversationStream, DataPosition, held_out_batch
 
 
 def train(config: TrainConfig, shards: list[str], output: str) -> StageSummary:
@@ -150,91 +107,6 @@ def setup_ranks() -> Ranks:
         torch.cuda.set_device(device)
     dist.init_process_group(backend="nccl" if cuda else "gloo")
     return Ranks(dist.get_rank(), local_rank, dist.get_world_size(), device)
-
-
-# ---------------------------------------------------------------------------- data
-
-
-@dataclass
-class DataPosition:
-    """Where a rank's stream is: the epoch and the conversations consumed in it."""
-
-    epoch: int = 0
-    consumed: int = 0
-
-
-def is_held_out(image_id: str, fraction: float) -> bool:
-    """The same images on every rank and run: a hash of the id, not a random draw."""
-    digest = int(hashlib.sha256(image_id.encode()).hexdigest()[:8], 16)
-    return digest < fraction * 2**32
-
-
-class ConversationStream:
-    """One rank's endless stream of training conversations of a stage, epoch after epoch.
-
-    Each epoch is ``read_conversations`` for (seed, epoch), deterministic, so a stream
-    re-created at a saved position and fast-forwarded gives the same conversations as
-    one that never stopped. Held-out images are skipped.
-    """
-
-    def __init__(
-        self,
-        shards: list[str],
-        stage: str,
-        data: TrainDataConfig,
-        seed: int,
-        ranks: Ranks,
-        position: DataPosition,
-    ) -> None:
-        self.shards, self.stage, self.data, self.seed = shards, stage, data, seed
-        self.ranks = ranks
-        self.position = DataPosition(position.epoch, position.consumed)
-        self._epoch = self._open(self.position.epoch, skip=self.position.consumed)
-
-    def _open(self, epoch: int, skip: int) -> Iterator[Conversation]:
-        conversations = read_conversations(
-            self.shards,
-            self.stage,
-            self.data,
-            seed=self.seed,
-            epoch=epoch,
-            rank=self.ranks.rank,
-            world_size=self.ranks.world_size,
-        )
-        kept = (c for c in conversations if not is_held_out(c.image_id, self.data.holdout_fraction))
-        return itertools.islice(kept, skip, None)
-
-    def __iter__(self) -> Iterator[Conversation]:
-        return self
-
-    def __next__(self) -> Conversation:
-        conversation = next(self._epoch, None)
-        if conversation is None:  # the epoch is over: the next one, reshuffled
-            self.position = DataPosition(self.position.epoch + 1, 0)
-            self._epoch = self._open(self.position.epoch, skip=0)
-            conversation = next(self._epoch, None)
-            if conversation is None:
-                raise RuntimeError(
-                    f"{self.stage}: no training conversations for rank {self.ranks.rank} "
-                    f"in {len(self.shards)} shard(s)"
-                )
-        self.position.consumed += 1
-        return conversation
-
-
-def held_out_batch(
-    shards: list[str], stage: str, data: TrainDataConfig, seed: int, size: int
-) -> list[Conversation]:
-    """Up to ``size`` held-out conversations of a stage, each of a different image."""
-    if data.holdout_fraction == 0:
-        return []
-    batch: dict[str, Conversation] = {}
-    for conversation in read_conversations(shards, stage, data, seed=seed, epoch=0):
-        if is_held_out(conversation.image_id, data.holdout_fraction):
-            batch.setdefault(conversation.image_id, conversation)
-            if len(batch) == size:
-                break
-    return list(batch.values())
 
 
 # ---------------------------------------------------------------------------- schedule
@@ -390,7 +262,15 @@ class FlorenceVLRecipe:
             # Where the interrupted run was: mid-stage, or at the end of an earlier stage.
             set_rng_state(self.resume.trainer["rng"][ranks.rank], ranks.device)
             self.resume = None
-        stream = ConversationStream(self.shards, stage, cfg.data, cfg.seed, ranks, position)
+        stream = ConversationStream(
+            self.shards,
+            stage,
+            cfg.data,
+            cfg.seed,
+            position,
+            rank=ranks.rank,
+            world_size=ranks.world_size,
+        )
         self.log(
             f"[train] {stage}: {settings.steps} steps of {settings.batch_size} x "
             f"{settings.grad_accum} x {ranks.world_size} rank(s), "
