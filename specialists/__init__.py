@@ -24,7 +24,7 @@ KINDS = {
     "rapidocr": "specialists.rapidocr:RapidOCRSpecialist",
     "region_text": "specialists.region_text:RegionTextSpecialist",
     "sam": "specialists.sam:SAMSpecialist",
-    # CPU specialists for the generated demo world (engine/world.py): no weights.
+    # CPU specialists for the generated demo world (engine/world/): no weights.
     "world_captions": "specialists.world_text:TemplateCaptioner",
     "world_grounding": "specialists.world_text:PhraseGrounder",
     "world_polygons": "specialists.world:BoxPolygonMaker",

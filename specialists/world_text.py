@@ -20,8 +20,8 @@ import numpy as np
 from engine.config import SpecialistConfig
 from engine.geometry import box_in_image
 from engine.records import CAPTION_KINDS, Caption, Phrase, Region
-from engine.world_captions import NUMBER_WORDS, POSITIONS
-from engine.world_drawing import BACKGROUND_COLOURS, COLOURS, SHAPES, SIGN_PLATES, SIZES
+from engine.world.captions import NUMBER_WORDS, POSITIONS
+from engine.world.drawing import BACKGROUND_COLOURS, COLOURS, SHAPES, SIGN_PLATES, SIZES
 from specialists.base import Annotations, Specialist, SpecialistInput
 from specialists.world import SIGN
 

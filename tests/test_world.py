@@ -11,7 +11,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from engine.world import generate_world, load_truth, render_image
-from engine.world_drawing import SIGN_BORDER_WIDTH, grown, overlap
+from engine.world.drawing import SIGN_BORDER_WIDTH, grown, overlap
 from stages.ingest_coco import read_coco
 
 SAMPLE = 60

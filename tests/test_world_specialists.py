@@ -11,8 +11,8 @@ from PIL import Image, ImageDraw
 from engine.config import SpecialistConfig
 from engine.records import ImageRecord, Region
 from engine.world import render_image
-from engine.world_drawing import COLOURS, SHAPES
-from refinement.evaluation import evaluate
+from engine.world.drawing import COLOURS, SHAPES
+from refinement.metrics import evaluate
 from specialists.base import SpecialistInput
 from specialists.world import _PROTOTYPES, BoxPolygonMaker, ShapeDetector
 from specialists.world_text import PhraseGrounder, TemplateCaptioner

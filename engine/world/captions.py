@@ -1,6 +1,6 @@
 """Captions of a generated scene, written from a grammar with every phrase grounded.
 
-``engine.world`` lays out a scene and knows exactly what is visible; this module turns
+``engine.world.generate`` lays out a scene and knows exactly what is visible; this module turns
 that knowledge into the three FLD caption kinds. Each caption is built piece by piece,
 so every noun phrase that names objects is recorded with its character span and the
 region indices it names at the moment it is written: the grounding is exact by

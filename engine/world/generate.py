@@ -1,7 +1,7 @@
 """A generated world: images of shapes and signs whose annotations are known exactly.
 
 The world is a yardstick for the engine. Each image is drawn from ``(seed, index)``
-by ``engine.world_drawing``: a textured or gradient background, 1 to 10 shapes
+by ``engine.world.drawing``: a textured or gradient background, 1 to 10 shapes
 (``SHAPES`` x ``COLOURS`` x ``SIZES``) that may overlap or touch, and sometimes signs
 with printed words. Because it draws every pixel itself, it knows the truth exactly,
 and this module turns that knowledge into engine records:
@@ -18,7 +18,7 @@ and this module turns that knowledge into engine records:
   a two-way cut, which even-odd filling (pycocotools, PIL) renders as a hole.
 - **OCR**: one ``ocr`` region per printed line (one word) after the objects, its quad
   the tight bounds of the rendered ink, clockwise from top-left.
-- **captions** and **grounded phrases** from ``engine.world_captions``.
+- **captions** and **grounded phrases** from ``engine.world.captions``.
 
 ``generate_world`` writes the images with two files kept apart: ``ingest.json``, a
 COCO file with the images only (what the engine ingests), and ``truth.json``, the full
@@ -49,8 +49,8 @@ from contourpy import FillType, contour_generator
 from PIL import Image
 
 from engine.records import CAPTION_KINDS, Caption, ImageRecord, Phrase, Region, image_id_for
-from engine.world_captions import Scene, SceneObject, describe
-from engine.world_drawing import (
+from engine.world.captions import Scene, SceneObject, describe
+from engine.world.drawing import (
     COLOURS,
     MAX_SIDE,
     MIN_SIDE,
