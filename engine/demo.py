@@ -1,14 +1,15 @@
 """The embedded demo: a generated world with exact truth, and real photos, through the engine.
 
-A world of coloured shapes and signs (``engine/world.py``) is drawn with its exact
+A world of coloured shapes and signs (``engine/world/``) is drawn with its exact
 truth kept apart; the engine ingests only the images. CPU specialists that need no
 weights annotate them (and RapidOCR reads the signs), and the round is scored against
-the truth after annotation, merge and filter.
+the truth after annotation, merge and filter (``refinement/evaluation.py``).
 
 Writes the photos that scikit-image ships into an input folder: a COCO file that
 labels some of them (boxes, polygons, captions), a WebDataset shard with more photos
-and a duplicate, and a few broken files a real folder would have. Then runs
-``engine.run --stage all`` on embedded Ray and says where the shards and report are.
+and a duplicate, and a few broken files a real folder would have. Then runs the steps
+of ``--stage all`` (``engine/pipeline.py``) on embedded Ray with the evaluation before
+the report, and says where the shards and report are.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ import numpy as np
 from PIL import Image
 
 from engine.config import load_config
-from engine.run import main as run_engine
+from engine.execution import StageError
+from engine.layout import round_layout
+from engine.pipeline import ROUND, STEPS, Request, execute, plan
 from engine.store import Store
-from engine.world import generate_world, load_truth
-from filters.text import load_pipeline
-from refinement.evaluation import quality_table, round_quality, write_round_quality
+from engine.world import generate_world
+from refinement.evaluation import evaluate_step, quality_table, read_round_quality
 
 # name -> (caption, [(category, [x0, y0, x1, y1])]) in the photo's own pixels.
 LABELLED = {
@@ -124,33 +126,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     out = Path(args.out).resolve()
-    inputs, store = out / "inputs", out / "store"
+    inputs, store = out / "inputs", Store(str(out / "store"))
     # A fresh store each time: the demo shows a whole run, not a resume.
     shutil.rmtree(out, ignore_errors=True)
     write_inputs(inputs)
     world = generate_world(out / "world", args.world_images, seed=0)
-    code = run_engine(
-        [
-            "--config", args.config, "--stage", "all", "--store", str(store),
-            "--input", str(world.ingest),
-            "--input", str(inputs / "labels.json"),
-            "--input", str(inputs / "shard-000000.tar"),
-            "--input", str(inputs / "broken"),
-        ]
-    )  # fmt: skip
-    if code == 0:
-        config = load_config(args.config)
-        evaluations = round_quality(
-            Store(str(store)), 0, load_truth(world.truth), load_pipeline(config.filter.spacy_model)
-        )
-        write_round_quality(Store(str(store)), 0, evaluations, truth=world.truth.name)
-        # The report is written again, now with the quality table leading the page.
-        code = run_engine(["--config", args.config, "--stage", "report", "--store", str(store)])
-        print(f"\nquality against the world's truth ({args.world_images} images):")
-        print(quality_table(evaluations))
-        print(f"\nshards: {store / 'shards' / 'r000'}")
-        print(f"report: {store / 'reports' / 'r000' / 'index.html'}")
-    return code
+    config = load_config(args.config)
+    sources = (world.ingest, inputs / "labels.json", inputs / "shard-000000.tar", inputs / "broken")
+    request = Request(config, store, 0, tuple(str(s) for s in sources), alone=False)
+    # Round 0 as --stage all makes it, scored against the world's truth before the report,
+    # so the report leads with the quality table.
+    steps = [STEPS[name] for name in ROUND]
+    steps.insert(steps.index(STEPS["report"]), evaluate_step(world.truth))
+    try:
+        execute(plan(steps, request), request)
+    except StageError as exc:
+        print(f"engine.demo: error: {exc}", file=sys.stderr)
+        return 1
+    quality = read_round_quality(store, 0)
+    layout = round_layout(0)
+    print(f"\nquality against the world's truth ({args.world_images} images):")
+    print(quality_table(quality))
+    print(f"\nshards: {store.path(layout.shards)}")
+    print(f"report: {store.path(layout.report, 'index.html')}")
+    return 0
 
 
 if __name__ == "__main__":

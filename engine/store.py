@@ -1,7 +1,6 @@
 """The store: immutable Parquet parts under one fsspec root, committed by marker files.
 
-Layout (see DESIGN.md): ``manifest/``, ``quarantine/``, ``rounds/rNNN/<dataset>/``,
-``shards/rNNN/``, ``reports/rNNN/``. A dataset is a folder of parts
+What lives where is named in ``engine/layout.py``. A dataset is a folder of parts
 ``part-<unit>.parquet``; a part is visible only once its marker
 ``_committed/<unit>.json`` exists. The marker is written after the part is complete,
 so the rule holds on object stores, which have no atomic rename, as well as on local
@@ -21,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from engine.layout import MANIFEST, round_layout
 from engine.records import CAPTION_KINDS, MANIFEST_SCHEMA
 
 MARKER_DIR = "_committed"
@@ -133,29 +133,6 @@ class Store:
     def exists(self, relpath: str) -> bool:
         return self.fs.exists(self.path(relpath))
 
-    # ------------------------------------------------------------ rounds
-
-    def rounds(self) -> list[int]:
-        """Rounds that exist in the store (``rounds/rNNN``), ascending."""
-        base = self.path("rounds")
-        if not self.fs.exists(base):
-            return []
-        found = []
-        for p in self.fs.ls(base, detail=False):
-            name = posixpath.basename(p.rstrip("/"))
-            if name.startswith("r") and name[1:].isdigit():
-                found.append(int(name[1:]))
-        return sorted(found)
-
-
-def round_dir(round_number: int) -> str:
-    return f"r{round_number:03d}"
-
-
-def round_dataset(round_number: int, name: str) -> str:
-    """Path of a round's dataset, e.g. ``rounds/r001/filtered``."""
-    return f"rounds/{round_dir(round_number)}/{name}"
-
 
 def records_dataset(store: Store, round_number: int) -> str:
     """The most finished set of records a round has: filtered, else merged, else the manifest.
@@ -163,11 +140,11 @@ def records_dataset(store: Store, round_number: int) -> str:
     Export and report work on whatever the round has reached, so a store holding only
     ingested images (with their human labels) can already be exported.
     """
-    for name in ("filtered", "merged"):
-        dataset = round_dataset(round_number, name)
+    layout = round_layout(round_number)
+    for dataset in (layout.filtered, layout.merged):
         if store.committed_units(dataset):
             return dataset
-    return "manifest"
+    return MANIFEST
 
 
 def manifest_view(table: pa.Table | None) -> pa.Table:
@@ -206,11 +183,11 @@ def kept_image_ids_by_unit(store: Store) -> dict[str, tuple[str, ...]]:
 
     Reads no image bytes, so a driver can plan per-unit work over a large manifest.
     """
-    units = store.committed_units("manifest")
+    units = store.committed_units(MANIFEST)
     if not units:
         return {}
     tables = [
-        store.read_unit("manifest", unit, columns=["image_id", "regions", "captions"])
+        store.read_unit(MANIFEST, unit, columns=["image_id", "regions", "captions"])
         for unit in units
     ]
     owner = [unit for unit, table in zip(units, tables, strict=True) for _ in range(table.num_rows)]

@@ -1,4 +1,10 @@
-"""What a stage reports when it ends: counts in and out, refusals by reason, speed."""
+"""What a stage reports when it ends: counts in and out, refusals by reason, speed.
+
+``dropped`` counts only what was set aside (a record, an annotation or a text that the
+output does not carry, each with its reason); ``notes`` counts things done that lose
+nothing (a box clipped to its image, polygons attached to a matching box, a batch
+halved after running out of memory), so "dropped N" is what was really lost.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +21,8 @@ class StageSummary:
     quarantined: Counter[str] = field(default_factory=Counter)
     # Records or annotations a step set aside (dropped/ or counted), by reason.
     dropped: Counter[str] = field(default_factory=Counter)
+    # Things a step did that lose nothing, by what was done.
+    notes: Counter[str] = field(default_factory=Counter)
     # Units skipped because an earlier run had committed them.
     units_skipped: int = 0
     units_run: int = 0
@@ -28,6 +36,7 @@ class StageSummary:
         self.outputs += other.outputs
         self.quarantined.update(other.quarantined)
         self.dropped.update(other.dropped)
+        self.notes.update(other.notes)
 
     def format(self) -> str:
         rate = self.inputs / self.seconds if self.seconds > 0 else 0.0
@@ -37,7 +46,11 @@ class StageSummary:
             f"units run {self.units_run} skipped {self.units_skipped}  "
             f"{self.seconds:.1f}s  {rate:.1f} items/s"
         ]
-        for label, counts in (("quarantined", self.quarantined), ("dropped", self.dropped)):
+        for label, counts in (
+            ("quarantined", self.quarantined),
+            ("dropped", self.dropped),
+            ("note", self.notes),
+        ):
             for reason, count in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
                 lines.append(f"    {label}: {reason}: {count}")
         if self.location:

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from engine.config import EngineConfig, SpecialistConfig
 from engine.execution import StageError, check_fits
+from engine.layout import MANIFEST, round_layout
 from engine.records import (
     ANNOTATION_SCHEMA,
     IMAGE_COLUMN,
@@ -39,16 +40,10 @@ from engine.records import (
     records_from_table,
     records_to_table,
 )
-from engine.store import Store, kept_image_ids_by_unit, round_dataset
+from engine.store import Store, kept_image_ids_by_unit
 from engine.summary import StageSummary
 from specialists import build_specialist
 from specialists.base import Annotations, Specialist, SpecialistInput
-
-MANIFEST = "manifest"
-
-
-def annotate_dataset(round_number: int, name: str) -> str:
-    return round_dataset(round_number, f"annotate/{name}")
 
 
 def specialist_levels(specialists: dict[str, Specialist]) -> list[list[str]]:
@@ -81,17 +76,19 @@ def specialist_levels(specialists: dict[str, Specialist]) -> list[list[str]]:
 
 def run_annotate(store: Store, config: EngineConfig, round_number: int) -> StageSummary:
     started = time.perf_counter()
-    summary = StageSummary("annotate", location=store.path(round_dataset(round_number, "annotate")))
+    summary = StageSummary(
+        "annotate", location=store.path(round_layout(round_number).annotate_root)
+    )
     specs = {s.name: s for s in config.annotate.specialists}
     if not specs:
-        summary.dropped["no specialists configured"] += 1
+        summary.notes["no specialists configured"] += 1
         return summary
     specialists = {name: build_specialist(spec) for name, spec in specs.items()}
     units = kept_image_ids_by_unit(store)
     for level in specialist_levels(specialists):
         upstream = {
             name: [
-                annotate_dataset(round_number, other)
+                round_layout(round_number).annotate(other)
                 for other in specs
                 if other != name and specialists[other].produces & specialists[name].needs
             ]
@@ -156,7 +153,7 @@ class SpecialistActor:
         self.config = config
         self.store = Store(store_url)
         self.round_number = round_number
-        self.dataset = annotate_dataset(round_number, config.name)
+        self.dataset = round_layout(round_number).annotate(config.name)
         self.specialist = build_specialist(config)
         self.specialist.setup()
 
@@ -211,7 +208,7 @@ def annotate_resilient(
         except Exception as exc:
             if _is_out_of_memory(exc) and size > 1:
                 size = max(1, size // 2)
-                summary.dropped[f"batch halved after out of memory (to {size})"] += 1
+                summary.notes[f"batch halved after out of memory (to {size})"] += 1
                 _free_accelerator_memory()
                 continue
             for item in batch:
@@ -271,7 +268,7 @@ def _run_level(
     pools: dict[str, list] = {}
     busy: dict[str, list[int]] = {}
     for spec in specs:
-        dataset = annotate_dataset(round_number, spec.name)
+        dataset = round_layout(round_number).annotate(spec.name)
         pending_units = [u for u in units if not store.is_committed(dataset, u)]
         summary.units_skipped += len(units) - len(pending_units)
         if not pending_units:

@@ -20,18 +20,20 @@ from pycocotools import mask as mask_utils
 
 from engine.config import EngineConfig, ExportConfig
 from engine.execution import run_units
-from engine.records import IMAGE_COLUMN, RECORD_SCHEMA, ImageRecord, records_from_table
-from engine.store import Store, kept_image_ids_by_unit, records_dataset, round_dir
+from engine.layout import MANIFEST, RoundLayout, round_layout
+from engine.records import (
+    IMAGE_COLUMN,
+    RECORD_SCHEMA,
+    ImageRecord,
+    record_to_sample,
+    records_from_table,
+)
+from engine.store import Store, kept_image_ids_by_unit, records_dataset
 from engine.summary import StageSummary
 from refinement.targets import florence2_targets
 
-MANIFEST = "manifest"
 # Fixed tar timestamps: exporting the same records twice gives identical bytes.
 TAR_MTIME = 0
-
-
-def shards_dir(round_number: int) -> str:
-    return f"shards/{round_dir(round_number)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +49,8 @@ class ExportUnit:
 
 def run_export(store: Store, config: EngineConfig, round_number: int) -> StageSummary:
     dataset = records_dataset(store, round_number)
-    out_dir = shards_dir(round_number)
+    layout = round_layout(round_number)
+    out_dir = layout.shards
     # Round datasets are cut into the manifest's units; export what the round has committed.
     committed = set(store.committed_units(dataset))
     units = [
@@ -62,9 +65,9 @@ def run_export(store: Store, config: EngineConfig, round_number: int) -> StageSu
         done=lambda unit: store.is_committed(out_dir, unit.key),
         num_cpus=config.ray.task_cpus,
     )
-    shards = write_shard_index(store, out_dir)
+    shards = write_shard_index(store, layout)
     if config.export.coco:
-        write_coco(store, dataset, units, posixpath.join(out_dir, "coco.json"), shards)
+        write_coco(store, dataset, units, layout.coco, shards)
     summary.location = store.path(out_dir)
     return summary
 
@@ -156,46 +159,17 @@ class ShardWriter:
 
 
 def sample_json(record: ImageRecord) -> dict[str, Any]:
-    """The ``<key>.json`` of a sample, exactly as DESIGN.md's export format."""
-    return {
-        "image_id": record.image_id,
-        "width": record.width,
-        "height": record.height,
-        "source": record.source,
-        "captions": {
-            kind: record.caption_text(kind) for kind in ("brief", "detailed", "more_detailed")
-        },
-        "regions": [
-            {
-                "box": list(region.box),
-                "text": region.text,
-                "kind": region.kind,
-                "score": region.score,
-                "source": region.source,
-                "polygons": region.polygons,
-                "quad": region.quad,
-            }
-            for region in record.regions
-        ],
-        "phrases": [
-            {
-                "caption": phrase.caption,
-                "start": phrase.start,
-                "end": phrase.end,
-                "text": phrase.text,
-                "regions": phrase.regions,
-            }
-            for phrase in record.phrases
-        ],
-        "florence2": [
-            {"task": t.task, "input": t.input, "target": t.target}
-            for t in florence2_targets(record)
-        ],
-    }
+    """The ``<key>.json`` of a sample, exactly as DESIGN.md's export format: the record
+    (``engine.records.record_to_sample``) and its Florence-2 task targets."""
+    targets = [
+        {"task": t.task, "input": t.input, "target": t.target} for t in florence2_targets(record)
+    ]
+    return {**record_to_sample(record), "florence2": targets}
 
 
-def write_shard_index(store: Store, out_dir: str) -> list[dict[str, Any]]:
+def write_shard_index(store: Store, layout: RoundLayout) -> list[dict[str, Any]]:
     """``_index.json``: every committed shard in order, for ``wds.WebDataset(urls)``."""
+    out_dir = layout.shards
     shards = []
     for unit in store.committed_units(out_dir):
         shards.extend(store.read_marker(out_dir, unit)["shards"])
@@ -205,7 +179,7 @@ def write_shard_index(store: Store, out_dir: str) -> list[dict[str, Any]]:
         "bytes": sum(s["bytes"] for s in shards),
         "detail": shards,
     }
-    store.write_bytes(posixpath.join(out_dir, "_index.json"), json.dumps(index, indent=1).encode())
+    store.write_bytes(layout.shard_index, json.dumps(index, indent=1).encode())
     return shards
 
 

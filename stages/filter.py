@@ -28,6 +28,7 @@ from spacy.language import Language
 
 from engine.config import EngineConfig, FilterConfig
 from engine.execution import StageError, run_units
+from engine.layout import round_layout
 from engine.records import (
     DROPPED_SCHEMA,
     Caption,
@@ -37,24 +38,11 @@ from engine.records import (
     records_from_table,
     records_to_table,
 )
-from engine.store import Store, round_dataset
+from engine.store import Store
 from engine.summary import StageSummary
 from filters.grounding import decide_grounding
-from filters.regions import decide_regions
+from filters.regions import RecordDecision, decide_regions
 from filters.text import caption_decision, load_pipeline, text_stats
-from stages.merge import merged_dataset
-
-
-def scored_dataset(round_number: int) -> str:
-    return round_dataset(round_number, "scored")
-
-
-def filtered_dataset(round_number: int) -> str:
-    return round_dataset(round_number, "filtered")
-
-
-def dropped_dataset(round_number: int) -> str:
-    return round_dataset(round_number, "dropped")
 
 
 def thresholds_digest(config: FilterConfig) -> str:
@@ -72,11 +60,12 @@ class FilterUnit:
 
 
 def run_filter(store: Store, config: EngineConfig, round_number: int) -> StageSummary:
-    units = store.committed_units(merged_dataset(round_number))
+    layout = round_layout(round_number)
+    units = store.committed_units(layout.merged)
     if not units:
         raise StageError(f"filter: round {round_number} has no merged records; run merge first")
     work = [FilterUnit(unit, store.url, round_number, config.filter) for unit in units]
-    scored = scored_dataset(round_number)
+    scored = layout.scored
     score_summary = run_units(
         "filter: score",
         score_unit,
@@ -85,7 +74,7 @@ def run_filter(store: Store, config: EngineConfig, round_number: int) -> StageSu
         num_cpus=config.ray.task_cpus,
     )
     digest = thresholds_digest(config.filter)
-    outputs = (filtered_dataset(round_number), dropped_dataset(round_number))
+    outputs = (layout.filtered, layout.dropped)
 
     def decided(unit: FilterUnit) -> bool:
         return store.unit_done(unit.key, outputs) and all(
@@ -110,7 +99,8 @@ def _pipeline(name: str) -> Language:
 def score_unit(unit: FilterUnit) -> StageSummary:
     """Store text statistics beside every caption that has none yet."""
     store = Store(unit.store_url)
-    records = records_from_table(store.read_unit(merged_dataset(unit.round_number), unit.key))
+    layout = round_layout(unit.round_number)
+    records = records_from_table(store.read_unit(layout.merged, unit.key))
     pending: list[Caption] = [
         caption
         for record in records
@@ -121,14 +111,15 @@ def score_unit(unit: FilterUnit) -> StageSummary:
         stats = text_stats(_pipeline(unit.config.spacy_model), [c.text for c in pending])
         for caption, caption_stats in zip(pending, stats, strict=True):
             caption.stats = caption_stats
-    store.commit_unit(unit.key, {scored_dataset(unit.round_number): records_to_table(records)})
+    store.commit_unit(unit.key, {layout.scored: records_to_table(records)})
     return StageSummary("filter: score", inputs=len(records), outputs=len(records))
 
 
 def threshold_unit(unit: FilterUnit) -> StageSummary:
     """Decide one unit from stored statistics; commit kept and dropped records together."""
     store = Store(unit.store_url)
-    records = records_from_table(store.read_unit(scored_dataset(unit.round_number), unit.key))
+    layout = round_layout(unit.round_number)
+    records = records_from_table(store.read_unit(layout.scored, unit.key))
     summary = StageSummary("filter", inputs=len(records))
     kept: list[ImageRecord] = []
     dropped: list[tuple[ImageRecord, str]] = []
@@ -147,12 +138,38 @@ def threshold_unit(unit: FilterUnit) -> StageSummary:
     store.commit_unit(
         unit.key,
         {
-            filtered_dataset(unit.round_number): records_to_table(kept),
-            dropped_dataset(unit.round_number): dropped_table,
+            layout.filtered: records_to_table(kept),
+            layout.dropped: dropped_table,
         },
         info=info,
     )
     return summary
+
+
+def _region_decision(record: ImageRecord, config: FilterConfig) -> RecordDecision:
+    region = config.region
+    return decide_regions(
+        record,
+        min_score_by_kind=region.min_score_by_kind,
+        min_score_by_source=region.min_score_by_source,
+        nms_iou=region.nms_iou,
+        max_objects=region.max_objects,
+        min_side=region.min_side,
+        min_area=region.min_area,
+    )
+
+
+def _grounding_decision(record: ImageRecord, config: FilterConfig) -> RecordDecision | None:
+    """None for a record without grounded phrases: there is nothing to decide."""
+    if not record.phrases:
+        return None
+    grounding = config.grounding
+    return decide_grounding(
+        record,
+        min_score=grounding.min_score,
+        nms_iou=grounding.nms_iou,
+        drop_image_without_grounding=grounding.drop_image_without_grounding,
+    )
 
 
 def decide_record(
@@ -183,34 +200,11 @@ def decide_record(
             aside["phrase: its caption was dropped"].phrases.append(phrase)
     current = replace(record, captions=captions, phrases=phrases)
 
-    region_config = config.region
-    decision = decide_regions(
-        current,
-        min_score_by_kind={
-            "object": region_config.min_score,
-            "ocr": region_config.min_score_ocr,
-            "proposal": region_config.min_score_proposal,
-        },
-        min_score_by_source=region_config.min_score_by_source,
-        nms_iou=region_config.nms_iou,
-        max_objects=region_config.max_objects,
-        min_side=region_config.min_side,
-        min_area=region_config.min_area,
-    )
-    _set_aside(aside, "region", decision.dropped_regions, decision.dropped_phrases)
-    if not decision.keep:
-        return None, [*aside.items(), (f"image: {decision.image_reason}", current)]
-    current = decision.applied_to(current)
-
-    if current.phrases:
-        grounding = config.grounding
-        decision = decide_grounding(
-            current,
-            min_score=grounding.min_score,
-            nms_iou=grounding.nms_iou,
-            drop_image_without_grounding=grounding.drop_image_without_grounding,
-        )
-        _set_aside(aside, "grounding", decision.dropped_regions, decision.dropped_phrases)
+    for part, decide in (("region", _region_decision), ("grounding", _grounding_decision)):
+        decision = decide(current, config)
+        if decision is None:
+            continue
+        _set_aside(aside, part, decision.dropped_regions, decision.dropped_phrases)
         if not decision.keep:
             return None, [*aside.items(), (f"image: {decision.image_reason}", current)]
         current = decision.applied_to(current)

@@ -21,6 +21,7 @@ import fsspec
 
 from engine.config import EngineConfig, IngestConfig
 from engine.execution import run_units
+from engine.layout import MANIFEST, QUARANTINE
 from engine.records import (
     ImageRecord,
     QuarantineEntry,
@@ -33,8 +34,6 @@ from engine.summary import StageSummary
 from stages.image_decode import RefusedInput, decode_image
 from stages.ingest_coco import CocoInput, HumanLabels, labels_to_regions, read_coco
 
-MANIFEST = "manifest"
-QUARANTINE = "quarantine"
 GLOB_CHARS = "*?["
 
 
@@ -160,7 +159,7 @@ def ingest_unit(unit: IngestUnit) -> StageSummary:
             )
             record.regions, record.captions = regions, captions
             refused.extend(label_refusals)
-            summary.dropped.update(changed)
+            summary.notes.update(changed)
         records.append(record)
         images.append(decoded.jpeg)
     for entry in refused:

@@ -23,32 +23,66 @@ The rule, per image (``merge.iou`` is the match threshold):
   text, its source and score), and the summary counts ``region: text from <name>``.
 Every kept annotation keeps its own lineage (``source``, ``round``). Nothing is lost: the
 specialists' full outputs stay in ``rounds/rNNN/annotate/``, and every annotation merge
-does not keep is counted by reason.
+does not keep is counted by reason (``dropped``); what merge does to a kept annotation
+(polygons attached, a text written) is counted apart (``notes``).
+
+``run_merge`` takes the base records (the manifest for round 0; a refinement round
+merges onto the previous round's records) and a ``MergePolicy``: the object that merges
+one image's outputs onto its base record. ``SpecialistMerge`` is the rule above; the
+per-record rule itself is the pure function ``merge_record``.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 
-import numpy as np
-
-from engine.config import EngineConfig, MergeConfig
+from engine.config import EngineConfig
 from engine.execution import StageError, run_units
+from engine.geometry import boxes_array, pairwise_iou
+from engine.layout import MANIFEST, round_layout
 from engine.records import RECORD_SCHEMA, ImageRecord, Region, records_from_table, records_to_table
-from engine.store import Store, kept_image_ids_by_unit, round_dataset
+from engine.store import Store, kept_image_ids_by_unit
 from engine.summary import StageSummary
-from filters.regions import boxes_array, match_regions, pairwise_iou
+from filters.regions import match_regions
 from specialists import build_specialist
-from stages.annotate import annotate_dataset
 
-MANIFEST = "manifest"
 HUMAN_PREFIX = "human:"
 
 
-def merged_dataset(round_number: int) -> str:
-    return round_dataset(round_number, "merged")
+@dataclass(slots=True)
+class MergeCounts:
+    """What merging did, by reason: annotations set aside, and changes that lose nothing."""
+
+    dropped: Counter[str] = field(default_factory=Counter)
+    notes: Counter[str] = field(default_factory=Counter)
+
+
+# Merges one image's new annotations onto its base record: (base, outputs, region_texts,
+# counts) -> the merged record. ``outputs`` are the annotating specialists' (or model's)
+# records for the image in config order; ``region_texts`` (name, record) of those that
+# produce region texts. A policy must be picklable: it is sent to the Ray merge tasks.
+MergePolicy = Callable[
+    [ImageRecord, list[ImageRecord], Sequence[tuple[str, ImageRecord]], MergeCounts], ImageRecord
+]
+
+
+@dataclass(frozen=True, slots=True)
+class SpecialistMerge:
+    """The rule of this module's docstring: base labels first, then by score and IoU."""
+
+    # Two regions of a kind with IoU >= this are one object (``merge.iou``).
+    iou: float
+
+    def __call__(
+        self,
+        base: ImageRecord,
+        outputs: list[ImageRecord],
+        region_texts: Sequence[tuple[str, ImageRecord]],
+        counts: MergeCounts,
+    ) -> ImageRecord:
+        return merge_record(base, outputs, self.iou, counts, region_texts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,18 +90,32 @@ class MergeUnit:
     key: str
     store_url: str
     image_ids: tuple[str, ...]
+    # The dataset whose records the outputs are merged onto.
+    base: str
     # Specialist outputs to merge, in config order (that order breaks caption ties).
     sources: tuple[str, ...]
     out: str
-    config: MergeConfig
+    policy: MergePolicy
     # (name, dataset) of the specialists producing region texts, in config order.
     region_texts: tuple[tuple[str, str], ...] = ()
 
 
-def run_merge(store: Store, config: EngineConfig, round_number: int) -> StageSummary:
+def run_merge(
+    store: Store,
+    config: EngineConfig,
+    round_number: int,
+    base: str = MANIFEST,
+    policy: MergePolicy | None = None,
+) -> StageSummary:
+    """Merge the round's specialist outputs onto the ``base`` dataset's records with
+    ``policy`` (default: ``SpecialistMerge`` with ``merge.iou``) into ``merged/``.
+
+    ``base`` is cut into the manifest's units, like every round dataset.
+    """
+    policy = policy if policy is not None else SpecialistMerge(config.merge.iou)
     sources, region_texts = [], []
     for spec in config.annotate.specialists:
-        dataset = annotate_dataset(round_number, spec.name)
+        dataset = round_layout(round_number).annotate(spec.name)
         # Constructors are cheap by contract; an instance also knows what options decide.
         if "region_text" in build_specialist(spec).produces:
             region_texts.append((spec.name, dataset))
@@ -76,7 +124,7 @@ def run_merge(store: Store, config: EngineConfig, round_number: int) -> StageSum
     units = kept_image_ids_by_unit(store)
     missing = [
         f"{dataset} has not committed unit {unit}"
-        for dataset in [*sources, *(dataset for _, dataset in region_texts)]
+        for dataset in [base, *sources, *(dataset for _, dataset in region_texts)]
         for unit in units
         if not store.is_committed(dataset, unit)
     ]
@@ -84,9 +132,9 @@ def run_merge(store: Store, config: EngineConfig, round_number: int) -> StageSum
         # Merging a unit before every specialist has annotated it would commit a record
         # that later specialist output could never join.
         raise StageError(f"merge: run annotate first ({len(missing)} missing): {missing[0]}")
-    out = merged_dataset(round_number)
+    out = round_layout(round_number).merged
     work = [
-        MergeUnit(key, store.url, ids, tuple(sources), out, config.merge, tuple(region_texts))
+        MergeUnit(key, store.url, ids, base, tuple(sources), out, policy, tuple(region_texts))
         for key, ids in units.items()
     ]
     summary = run_units(
@@ -104,24 +152,18 @@ def merge_unit(unit: MergeUnit) -> StageSummary:
     store = Store(unit.store_url)
     summary = StageSummary("merge")
     wanted = set(unit.image_ids)
-    manifest = store.read_unit(MANIFEST, unit.key, columns=RECORD_SCHEMA.names)
-    records = {r.image_id: r for r in records_from_table(manifest) if r.image_id in wanted}
+    base = store.read_unit(unit.base, unit.key, columns=RECORD_SCHEMA.names)
+    records = {r.image_id: r for r in records_from_table(base) if r.image_id in wanted}
     outputs = _read_outputs(store, unit, unit.sources, set(records), summary)
     texts = _read_outputs(store, unit, [d for _, d in unit.region_texts], set(records), summary)
     names = [name for name, _ in unit.region_texts]
     merged = []
+    counts = MergeCounts(summary.dropped, summary.notes)
     for image_id, record in records.items():
         summary.inputs += 1
         region_texts = [(names[k], out) for k, out in texts[image_id] if out is not None]
-        merged.append(
-            merge_record(
-                record,
-                [out for _, out in outputs[image_id] if out is not None],
-                unit.config.iou,
-                summary.dropped,
-                region_texts,
-            )
-        )
+        new = [out for _, out in outputs[image_id] if out is not None]
+        merged.append(unit.policy(record, new, region_texts, counts))
     summary.outputs = len(merged)
     store.commit_unit(unit.key, {unit.out: records_to_table(merged)})
     return summary
@@ -149,14 +191,15 @@ def merge_record(
     base: ImageRecord,
     outputs: list[ImageRecord],
     iou: float,
-    dropped: Counter[str],
+    counts: MergeCounts,
     region_texts: Sequence[tuple[str, ImageRecord]] = (),
 ) -> ImageRecord:
-    """``base`` (the manifest record, with human labels) merged with specialist outputs.
+    """``base`` (the base record, with human labels) merged with specialist outputs.
 
     ``region_texts``: (specialist name, its output for this image) of the specialists
     that produce region texts, in config order; they change texts, never add regions.
     """
+    dropped = counts.dropped
     captions = dict(base.captions)
     for kind in {k for out in outputs for k in out.captions}:
         if kind in captions:
@@ -193,7 +236,7 @@ def merge_record(
         kept = regions[match]
         if region.polygons and not kept.polygons:
             kept.polygons = region.polygons
-            dropped["region: polygons attached to a matching region"] += 1
+            counts.notes["region: polygons attached to a matching region"] += 1
         elif kept.source.startswith(HUMAN_PREFIX):
             dropped["region: duplicate of a human label"] += 1
         else:
@@ -204,7 +247,7 @@ def merge_record(
         for phrase in out.phrases:
             phrase.regions = [placed[(out_index, index)] for index in phrase.regions]
             phrases.append(phrase)
-    _apply_region_texts(regions, region_texts, iou, dropped)
+    _apply_region_texts(regions, region_texts, iou, counts)
     return replace(base, captions=captions, regions=regions, phrases=phrases)
 
 
@@ -212,9 +255,10 @@ def _apply_region_texts(
     regions: list[Region],
     region_texts: Sequence[tuple[str, ImageRecord]],
     iou: float,
-    dropped: Counter[str],
+    counts: MergeCounts,
 ) -> None:
     """Write region texts onto the matching ``regions``, in place (see the module rule)."""
+    dropped = counts.dropped
     named: set[int] = set()  # regions that already took a region text
     for name, output in region_texts:
         pairs = match_regions(output.regions, regions, iou)
@@ -227,7 +271,7 @@ def _apply_region_texts(
             else:
                 regions[index] = replace(kept, text=output.regions[text_index].text)
                 named.add(index)
-                dropped[f"region: text from {name}"] += 1
+                counts.notes[f"region: text from {name}"] += 1
         matched = {text_index for text_index, _ in pairs}
         for text_index, text in enumerate(output.regions):
             if text_index in matched:
@@ -244,8 +288,6 @@ def _best_match(region: Region, kept: list[Region], iou: float) -> int | None:
     same_kind = [i for i, other in enumerate(kept) if other.kind == region.kind]
     if not same_kind:
         return None
-    overlaps = pairwise_iou(
-        np.asarray([region.box], dtype=np.float64), boxes_array([kept[i] for i in same_kind])
-    )[0]
+    overlaps = pairwise_iou(region.box, boxes_array([kept[i] for i in same_kind]))[0]
     best = int(overlaps.argmax())
     return same_kind[best] if float(overlaps[best]) >= iou else None

@@ -24,10 +24,10 @@ import time
 import pyarrow as pa
 
 from engine.config import EngineConfig
+from engine.layout import MANIFEST, QUARANTINE, round_layout
 from engine.records import DROPPED_SCHEMA, QUARANTINE_SCHEMA, RECORD_SCHEMA
-from engine.store import Store, manifest_view, records_dataset, round_dataset, round_dir
+from engine.store import Store, manifest_view, records_dataset
 from engine.summary import StageSummary
-from refinement.evaluation import QUALITY_FILE
 from stages import report_gallery, report_page, report_stats
 
 
@@ -39,7 +39,7 @@ def _read(store: Store, dataset: str, schema: pa.Schema, columns: list[str]) -> 
 def quality_table(store: Store, round_number: int) -> report_stats.StatTable | None:
     """The round's scores against ground truth, when an evaluation stored them
     (``refinement.evaluation.write_round_quality``)."""
-    path = round_dataset(round_number, QUALITY_FILE)
+    path = round_layout(round_number).quality
     if not store.exists(path):
         return None
     quality = json.loads(store.fs.cat_file(store.path(path)))
@@ -61,12 +61,13 @@ def run_report(store: Store, config: EngineConfig, round_number: int) -> StageSu
     points at the page (``location``).
     """
     started = time.perf_counter()
-    base = f"reports/{round_dir(round_number)}"
+    layout = round_layout(round_number)
+    base = layout.report
     dataset = records_dataset(store, round_number)
     read = _read(store, dataset, RECORD_SCHEMA, RECORD_SCHEMA.names)
-    records = manifest_view(read) if dataset == "manifest" else read
-    quarantine = _read(store, "quarantine", QUARANTINE_SCHEMA, ["item", "reason"])
-    dropped = _read(store, round_dataset(round_number, "dropped"), DROPPED_SCHEMA, ["reason"])
+    records = manifest_view(read) if dataset == MANIFEST else read
+    quarantine = _read(store, QUARANTINE, QUARANTINE_SCHEMA, ["item", "reason"])
+    dropped = _read(store, layout.dropped, DROPPED_SCHEMA, ["reason"])
 
     with report_stats.connect(records) as con:
         parsed = report_stats.parse_missing_stats(con, config.report.spacy_model)

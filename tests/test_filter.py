@@ -1,15 +1,13 @@
 """The filter stage: statistics stored first, then cheap threshold passes."""
 
 from engine.config import AnnotateConfig, FilterConfig, SpecialistConfig, load_config
+from engine.layout import round_layout
 from engine.records import Caption, ImageRecord, Phrase, Region, TextStats, records_from_table
 from engine.store import Store
 from stages.annotate import run_annotate
 from stages.filter import (
     decide_record,
-    dropped_dataset,
-    filtered_dataset,
     run_filter,
-    scored_dataset,
 )
 from stages.ingest import plan_ingest, run_ingest
 from stages.merge import run_merge
@@ -81,10 +79,10 @@ def test_refiltering_with_new_thresholds_runs_no_model(tmp_path, ray_cluster):
     run_merge(store, config, 0)
 
     first = run_filter(store, config, 0)
-    scored = records_from_table(store.read(scored_dataset(0)))
+    scored = records_from_table(store.read(round_layout(0).scored))
     stats = scored[0].captions["detailed"].stats
     assert stats is not None and "image" in stats.objects and "pixels" in stats.objects
-    assert first.outputs == 6 and store.read(dropped_dataset(0)).num_rows == 0
+    assert first.outputs == 6 and store.read(round_layout(0).dropped).num_rows == 0
 
     # A spaCy model that does not exist: any new parse would fail. Only thresholds change.
     strict = config.model_copy(
@@ -97,9 +95,10 @@ def test_refiltering_with_new_thresholds_runs_no_model(tmp_path, ray_cluster):
     second = run_filter(store, strict, 0)
     assert second.units_run == first.units_run and second.outputs == 6
     assert all(
-        "detailed" not in r.captions for r in records_from_table(store.read(filtered_dataset(0)))
+        "detailed" not in r.captions
+        for r in records_from_table(store.read(round_layout(0).filtered))
     )
-    reasons = store.read(dropped_dataset(0)).column("reason").to_pylist()
+    reasons = store.read(round_layout(0).dropped).column("reason").to_pylist()
     assert reasons == ["caption: too many objects"] * 6
     # The same thresholds again: nothing to do.
     assert run_filter(store, strict, 0).units_run == 0

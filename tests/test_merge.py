@@ -3,11 +3,12 @@
 from collections import Counter
 
 from engine.config import AnnotateConfig, SpecialistConfig, load_config
+from engine.layout import round_layout
 from engine.records import Caption, ImageRecord, Phrase, Region, records_from_table
 from engine.store import Store
 from stages.annotate import run_annotate
 from stages.ingest import plan_ingest, run_ingest
-from stages.merge import merge_record, merged_dataset, run_merge
+from stages.merge import MergeCounts, merge_record, run_merge
 from tests.inputs import encode, photo, write_coco
 
 TRIANGLE = [10, 10, 60, 10, 35, 60]
@@ -40,8 +41,8 @@ def test_two_specialists_and_human_labels_give_the_expected_record():
             Phrase("detailed", 15, 18, "dog", [1], "seg"),
         ],
     )  # fmt: skip
-    dropped = Counter()
-    merged = merge_record(human, [detector, segmenter], iou=0.7, dropped=dropped)
+    counts = MergeCounts()
+    merged = merge_record(human, [detector, segmenter], iou=0.7, counts=counts)
 
     assert merged.captions["brief"].text == "A cat."  # human kept over a higher score
     assert merged.captions["detailed"].text == "A cat beside a dog."
@@ -53,17 +54,19 @@ def test_two_specialists_and_human_labels_give_the_expected_record():
     assert merged.regions[0].box == (10, 10, 60, 60)  # the human box itself
     assert merged.regions[0].polygons == [TRIANGLE]
     assert [(p.text, p.regions) for p in merged.phrases] == [("cat", [0]), ("dog", [1])]
-    assert dropped == Counter(
+    assert counts.dropped == Counter(
         {
             "brief caption: human caption kept": 1,
             "region: duplicate of a human label": 1,
             "region: duplicate of a higher-scored region": 2,
-            "region: polygons attached to a matching region": 1,
         }
     )
+    # Attaching polygons loses nothing: a note, not a drop.
+    assert counts.notes == Counter({"region: polygons attached to a matching region": 1})
     # Every specialist region is either kept or counted.
+    counted = counts.dropped + counts.notes
     assert (
-        len(merged.regions) - 1 + sum(v for k, v in dropped.items() if k.startswith("region")) == 6
+        len(merged.regions) - 1 + sum(v for k, v in counted.items() if k.startswith("region")) == 6
     )
 
 
@@ -91,7 +94,7 @@ def test_merge_stage_after_annotate(tmp_path, ray_cluster):
     run_annotate(store, config, 0)
     summary = run_merge(store, config, 0)
 
-    merged = {r.width: r for r in records_from_table(store.read(merged_dataset(0)))}
+    merged = {r.width: r for r in records_from_table(store.read(round_layout(0).merged))}
     assert summary.outputs == len(merged) == 5
     for width, record in merged.items():
         assert record.captions["detailed"].text == f"an image of {width} by 40 pixels"
@@ -100,6 +103,19 @@ def test_merge_stage_after_annotate(tmp_path, ray_cluster):
         assert record.regions[record.phrases[0].regions[0]].box == (0, 0, width, 40)
     sources = [r.source for r in merged[51].regions]
     assert sources[0] == "human:coco" and sources[1].startswith("ground:")
+
+    # A later round merges onto another base with its own policy.
+    run_annotate(store, config, 1)
+    summary = run_merge(store, config, 1, base=round_layout(0).merged, policy=keep_base)
+    again = {r.width: r for r in records_from_table(store.read(round_layout(1).merged))}
+    assert again == merged
+    assert summary.dropped == Counter({"new output not used": 10})
+
+
+def keep_base(base, outputs, region_texts, counts):
+    """A merge policy that keeps the base record and sets every new output aside."""
+    counts.dropped["new output not used"] += len(outputs)
+    return base
 
 
 def test_region_texts_replace_specialist_texts_never_human_labels():
@@ -127,9 +143,9 @@ def test_region_texts_replace_specialist_texts_never_human_labels():
             Region((20, 70, 40, 90), "red ball", "object", "rt2", score=0.6),
         ]
     )
-    dropped = Counter()
+    counts = MergeCounts()
     merged = merge_record(
-        human, [detector], iou=0.7, dropped=dropped, region_texts=[("rt", first), ("rt2", second)]
+        human, [detector], iou=0.7, counts=counts, region_texts=[("rt", first), ("rt2", second)]
     )
     assert [(r.text, r.kind, r.source, r.score) for r in merged.regions] == [
         ("cat", "object", "human:coco", None),  # a human label's text is never replaced
@@ -138,11 +154,10 @@ def test_region_texts_replace_specialist_texts_never_human_labels():
         ("red ball", "object", "det", 0.6),  # the only specialist with a text for it
     ]
     assert merged.regions[2].box == (100, 20, 150, 80)
-    assert dropped == Counter(
+    assert counts.notes == Counter({"region: text from rt": 1, "region: text from rt2": 1})
+    assert counts.dropped == Counter(
         {
             "region: duplicate of a higher-scored region": 1,
-            "region: text from rt": 1,
-            "region: text from rt2": 1,
             "region text: human label kept": 1,
             "region text: a closer box's text kept": 1,
             "region text: no matching region": 1,
@@ -150,5 +165,6 @@ def test_region_texts_replace_specialist_texts_never_human_labels():
         }
     )
     # Every region text is either written onto a region or counted.
-    texts = sum(v for k, v in dropped.items() if k.startswith(("region text:", "region: text")))
+    counted = counts.dropped + counts.notes
+    texts = sum(v for k, v in counted.items() if k.startswith(("region text:", "region: text")))
     assert texts == len(first.regions) + len(second.regions)

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image, ImageColor, ImageDraw
 
 from engine.config import EngineConfig, ReportConfig
+from engine.layout import round_layout
 from engine.records import (
     Caption,
     ImageRecord,
@@ -21,8 +22,9 @@ from engine.records import (
     quarantine_to_table,
     records_to_table,
 )
-from engine.store import Store, round_dataset
-from refinement.evaluation import evaluate, write_round_quality
+from engine.store import Store
+from refinement.evaluation import write_round_quality
+from refinement.metrics import evaluate
 from stages.report import run_report
 from stages.report_gallery import SIDE, draw, region_colour
 
@@ -108,7 +110,7 @@ def store(tmp_path):
         },
     )
     dropped = records_to_table([record_c()]).append_column("reason", pa.array(["too_many_objects"]))
-    store.commit_unit("u0", {round_dataset(0, "dropped"): dropped})
+    store.commit_unit("u0", {round_layout(0).dropped: dropped})
     return store
 
 
@@ -196,7 +198,7 @@ def test_tables_match_hand_counts(store, tmp_path):
 
 
 def test_filtered_records_take_images_from_the_manifest(store, tmp_path):
-    store.commit_unit("u0", {round_dataset(0, "filtered"): records_to_table([record_b()])})
+    store.commit_unit("u0", {round_layout(0).filtered: records_to_table([record_b()])})
     summary = run_report(store, CONFIG, 0)
     assert (summary.inputs, summary.outputs) == (1, 1)
     report = tmp_path / "store" / "reports" / "r000"

@@ -87,12 +87,6 @@ def test_kept_ids_by_unit_follow_the_view(store):
     assert kept_image_ids_by_unit(store) == {"u1": ("b",), "u2": ("a",)}
 
 
-def test_rounds_are_listed(store):
-    assert store.rounds() == []
-    store.commit_unit("u", {"rounds/r002/merged": table(["a"]), "rounds/r000/merged": table(["a"])})
-    assert store.rounds() == [0, 2]
-
-
 def test_unwritable_store_is_reported(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

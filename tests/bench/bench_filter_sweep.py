@@ -2,7 +2,7 @@
 
     .venv/bin/python tests/bench/bench_filter_sweep.py [--images 1000] [--work out/sweep]
 
-Generates a world of ``--images`` images (engine/world.py), runs ingest, annotate, merge
+Generates a world of ``--images`` images (engine/world/), runs ingest, annotate, merge
 and the filter's scoring pass once with the demo's CPU specialists
 (engine/configs/demo.yaml, less OCR: its threshold is RapidOCR's own and is not swept,
 and it is most of the annotate time), then applies the filter's threshold step in this process
@@ -21,6 +21,7 @@ threshold would hide the region threshold's own curve.
 Printed per setting: box AP50, box precision and recall at IoU 0.5 over every kept box,
 object precision and recall of the more detailed captions, grounding precision and
 recall, and the images kept. A rerun with the same ``--work`` reuses the annotated store.
+The measured table, beside the defaults it justifies, is in engine/config.py: update it there.
 """
 
 from __future__ import annotations
@@ -36,13 +37,14 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from engine.config import CONFIG_DIR, FilterConfig, load_config
+from engine.layout import round_layout
 from engine.records import records_from_table
 from engine.run import main as run_engine
 from engine.store import Store
 from engine.world import generate_world, load_truth
 from filters.text import load_pipeline, text_stats
 from refinement.evaluation import Evaluation, evaluate
-from stages.filter import decide_record, scored_dataset
+from stages.filter import decide_record
 
 CONFIG = CONFIG_DIR / "demo.yaml"
 
@@ -121,7 +123,7 @@ def main() -> int:
     print(f"annotated store ready in {time.perf_counter() - started:.0f}s", flush=True)
     config = load_config(CONFIG)
     truth = load_truth(truth_path)
-    records = records_from_table(store.read(scored_dataset(0)))
+    records = records_from_table(store.read(round_layout(0).scored))
     nlp = load_pipeline(config.filter.spacy_model)
 
     # Parsed once: every evaluation below reuses the truth's and the records' statistics.

@@ -1,0 +1,118 @@
+"""Where everything lives in a store: the one module that names its folders and files.
+
+    manifest/                      ingest: one row per unique image (+ human labels)
+    quarantine/                    refused inputs, with the reason
+    locks/<name>.json              leases (one refine per store at a time)
+    rounds/rNNN/round.json         the round's state: running | committed, steps done
+    rounds/rNNN/annotate/<name>/   a specialist's raw output, with scores
+    rounds/rNNN/merged/            one record per image, every source merged
+    rounds/rNNN/scored/            merged records with their filter statistics
+    rounds/rNNN/filtered/          kept records
+    rounds/rNNN/dropped/           dropped records and annotations, with the reason
+    rounds/rNNN/model/             the Florence-2 student trained for this round
+    rounds/rNNN/quality.json       the round scored against ground truth, when there is one
+    shards/rNNN/                   WebDataset export (+ _index.json, coco.json)
+    reports/rNNN/                  statistics and gallery (index.html, stats.json)
+
+Paths are relative to the store's root (``Store.path`` makes them absolute). Datasets
+are folders of committed Parquet parts (``engine/store.py``); the rest are plain files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MANIFEST = "manifest"
+QUARANTINE = "quarantine"
+LOCKS = "locks"
+ROUNDS = "rounds"
+SHARDS = "shards"
+REPORTS = "reports"
+
+
+def round_name(number: int) -> str:
+    """``3`` -> ``"r003"``."""
+    if number < 0:
+        raise ValueError(f"a round number is never negative, got {number}")
+    return f"r{number:03d}"
+
+
+def parse_round_name(name: str) -> int | None:
+    """``"r003"`` -> ``3``; None for any other folder name."""
+    if len(name) >= 4 and name[0] == "r" and name[1:].isdigit():
+        return int(name[1:])
+    return None
+
+
+def lock_path(name: str) -> str:
+    return f"{LOCKS}/{name}.json"
+
+
+@dataclass(frozen=True, slots=True)
+class RoundLayout:
+    """The paths of one round: its datasets, files, shards and report."""
+
+    number: int
+
+    @property
+    def name(self) -> str:
+        return round_name(self.number)
+
+    @property
+    def root(self) -> str:
+        return f"{ROUNDS}/{self.name}"
+
+    @property
+    def state(self) -> str:
+        return f"{self.root}/round.json"
+
+    @property
+    def annotate_root(self) -> str:
+        return f"{self.root}/annotate"
+
+    def annotate(self, specialist: str) -> str:
+        return f"{self.annotate_root}/{specialist}"
+
+    @property
+    def merged(self) -> str:
+        return f"{self.root}/merged"
+
+    @property
+    def scored(self) -> str:
+        return f"{self.root}/scored"
+
+    @property
+    def filtered(self) -> str:
+        return f"{self.root}/filtered"
+
+    @property
+    def dropped(self) -> str:
+        return f"{self.root}/dropped"
+
+    @property
+    def model(self) -> str:
+        return f"{self.root}/model"
+
+    @property
+    def quality(self) -> str:
+        return f"{self.root}/quality.json"
+
+    @property
+    def shards(self) -> str:
+        return f"{SHARDS}/{self.name}"
+
+    @property
+    def shard_index(self) -> str:
+        return f"{self.shards}/_index.json"
+
+    @property
+    def coco(self) -> str:
+        return f"{self.shards}/coco.json"
+
+    @property
+    def report(self) -> str:
+        return f"{REPORTS}/{self.name}"
+
+
+def round_layout(number: int) -> RoundLayout:
+    return RoundLayout(number)
