@@ -44,10 +44,6 @@ def parse_round_name(name: str) -> int | None:
     return None
 
 
-def lock_path(name: str) -> str:
-    return f"{LOCKS}/{name}.json"
-
-
 @dataclass(frozen=True, slots=True)
 class RoundLayout:
     """The paths of one round: its datasets, files, shards and report."""

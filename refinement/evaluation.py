@@ -116,7 +116,7 @@ def read_round_quality(store: Store, round_number: int) -> dict | None:
 
 
 def evaluate_step(truth: Path) -> Step:
-    """A step that scores its round against a generated world's truth (``truth.jsonl``)
+    """A step that scores its round against a generated world's truth (``truth.json``)
     and stores ``quality.json``; put it before ``report`` and the report leads with it."""
 
     def plan(request: Request) -> Work:

@@ -9,6 +9,11 @@ The rule, per image (``merge.iou`` is the match threshold):
   order join the kept ones unless one of the same kind overlaps with IoU >= ``merge.iou``.
   Such a duplicate is set aside, counted by reason; if it carries polygons and the kept
   region has none (a box-prompted segmenter on a human box), the kept region takes them.
+  With ``merge.fuse_boxes`` a kept specialist region's box becomes the score-weighted
+  mean of its own and its duplicates' boxes (the box of weighted box fusion, Solovyev et
+  al. 2021; an unscored box weighs 1), and later duplicates match against the fused box;
+  its score stays the highest member's, so score thresholds keep their meaning. A human
+  box is never moved.
 - Phrases keep their text and span; their region indices are remapped to the kept
   region each of their regions became.
 - Region texts (from the specialists that produce ``region_text``, e.g.
@@ -38,11 +43,20 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
+import numpy as np
+
 from engine.config import EngineConfig
 from engine.execution import StageError, run_units
 from engine.geometry import boxes_array, pairwise_iou
 from engine.layout import MANIFEST, round_layout
-from engine.records import RECORD_SCHEMA, ImageRecord, Region, records_from_table, records_to_table
+from engine.records import (
+    RECORD_SCHEMA,
+    Box,
+    ImageRecord,
+    Region,
+    records_from_table,
+    records_to_table,
+)
 from engine.store import Store, kept_image_ids_by_unit
 from engine.summary import StageSummary
 from filters.regions import match_regions
@@ -74,6 +88,8 @@ class SpecialistMerge:
 
     # Two regions of a kind with IoU >= this are one object (``merge.iou``).
     iou: float
+    # Fuse a kept specialist box with its duplicates (``merge.fuse_boxes``).
+    fuse_boxes: bool = False
 
     def __call__(
         self,
@@ -82,7 +98,7 @@ class SpecialistMerge:
         region_texts: Sequence[tuple[str, ImageRecord]],
         counts: MergeCounts,
     ) -> ImageRecord:
-        return merge_record(base, outputs, self.iou, counts, region_texts)
+        return merge_record(base, outputs, self.iou, counts, region_texts, self.fuse_boxes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +128,8 @@ def run_merge(
 
     ``base`` is cut into the manifest's units, like every round dataset.
     """
-    policy = policy if policy is not None else SpecialistMerge(config.merge.iou)
+    if policy is None:
+        policy = SpecialistMerge(config.merge.iou, config.merge.fuse_boxes)
     sources, region_texts = [], []
     for spec in config.annotate.specialists:
         dataset = round_layout(round_number).annotate(spec.name)
@@ -193,6 +210,7 @@ def merge_record(
     iou: float,
     counts: MergeCounts,
     region_texts: Sequence[tuple[str, ImageRecord]] = (),
+    fuse_boxes: bool = False,
 ) -> ImageRecord:
     """``base`` (the base record, with human labels) merged with specialist outputs.
 
@@ -220,6 +238,8 @@ def merge_record(
     regions = list(base.regions)
     # (output index, region index) -> index in ``regions``, for remapping phrases.
     placed: dict[tuple[int, int], int] = {}
+    # index in ``regions`` -> the (box, weight) of every box fused into it.
+    fused: dict[int, list[tuple[Box, float]]] = {}
     candidates = [
         (out_index, region_index, region)
         for out_index, out in enumerate(outputs)
@@ -241,6 +261,11 @@ def merge_record(
             dropped["region: duplicate of a human label"] += 1
         else:
             dropped["region: duplicate of a higher-scored region"] += 1
+        if fuse_boxes and not kept.source.startswith(HUMAN_PREFIX):
+            members = fused.setdefault(match, [(kept.box, _weight(kept))])
+            members.append((region.box, _weight(region)))
+            regions[match] = replace(kept, box=_weighted_box(members))
+            counts.notes["region: box fused with a duplicate"] += 1
 
     phrases = list(base.phrases)
     for out_index, out in enumerate(outputs):
@@ -249,6 +274,19 @@ def merge_record(
             phrases.append(phrase)
     _apply_region_texts(regions, region_texts, iou, counts)
     return replace(base, captions=captions, regions=regions, phrases=phrases)
+
+
+def _weight(region: Region) -> float:
+    return 1.0 if region.score is None else max(region.score, 0.0)
+
+
+def _weighted_box(members: list[tuple[Box, float]]) -> Box:
+    """The score-weighted mean box; the plain mean when every weight is 0."""
+    boxes = np.asarray([box for box, _ in members], dtype=np.float64)
+    weights = np.asarray([weight for _, weight in members], dtype=np.float64)
+    mean = boxes.mean(axis=0) if weights.sum() <= 0 else weights @ boxes / weights.sum()
+    x0, y0, x1, y1 = mean.tolist()
+    return (x0, y0, x1, y1)
 
 
 def _apply_region_texts(

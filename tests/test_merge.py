@@ -2,6 +2,8 @@
 
 from collections import Counter
 
+import pytest
+
 from engine.config import AnnotateConfig, SpecialistConfig, load_config
 from engine.layout import round_layout
 from engine.records import Caption, ImageRecord, Phrase, Region, records_from_table
@@ -68,6 +70,28 @@ def test_two_specialists_and_human_labels_give_the_expected_record():
     assert (
         len(merged.regions) - 1 + sum(v for k, v in counted.items() if k.startswith("region")) == 6
     )
+
+
+def test_fusion_moves_a_specialist_box_to_the_weighted_mean_never_a_human_box():
+    human = image(regions=[Region((10, 10, 60, 60), "cat", "object", "human:coco")])
+    detector = image(
+        regions=[
+            Region((100, 20, 150, 80), "dog", "object", "det", score=0.6),
+            Region((11, 11, 61, 61), "cat", "object", "det", score=0.9),  # the human cat
+        ]
+    )
+    other = image(regions=[Region((104, 24, 154, 84), "dog", "object", "other", score=0.2)])
+    plain, fused = MergeCounts(), MergeCounts()
+    kept = merge_record(human, [detector, other], iou=0.7, counts=plain)
+    moved = merge_record(human, [detector, other], iou=0.7, counts=fused, fuse_boxes=True)
+
+    assert [r.box for r in kept.regions] == [(10, 10, 60, 60), (100, 20, 150, 80)]
+    # (0.6 * 100 + 0.2 * 104) / 0.8 = 101, and so on; the score stays the best member's.
+    assert moved.regions[0].box == (10, 10, 60, 60)
+    assert moved.regions[1].box == pytest.approx((101.0, 21.0, 151.0, 81.0))
+    assert moved.regions[1].score == 0.6 and moved.regions[1].source == "det"
+    assert fused.dropped == plain.dropped
+    assert fused.notes == Counter({"region: box fused with a duplicate": 1})
 
 
 def test_merge_stage_after_annotate(tmp_path, ray_cluster):

@@ -43,7 +43,7 @@ from engine.run import main as run_engine
 from engine.store import Store
 from engine.world import generate_world, load_truth
 from filters.text import load_pipeline, text_stats
-from refinement.evaluation import Evaluation, evaluate
+from refinement.metrics import Evaluation, evaluate
 from stages.filter import decide_record
 
 CONFIG = CONFIG_DIR / "demo.yaml"
