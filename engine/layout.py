@@ -2,7 +2,7 @@
 
     manifest/                      ingest: one row per unique image (+ human labels)
     quarantine/                    refused inputs, with the reason
-    locks/<name>.json              leases (one refine per store at a time)
+    locks/<name>/<owner>.json      lease claims (one refine per store at a time)
     rounds/rNNN/round.json         the round's state: running | committed, steps done
     rounds/rNNN/annotate/<name>/   a specialist's raw output, with scores
     rounds/rNNN/merged/            one record per image, every source merged
