@@ -154,6 +154,13 @@ def _plan_report(request: Request) -> Work:
     return lambda: run_report(store, request.config, number)
 
 
+def _plan_status(request: Request) -> Work:
+    from refinement.status import run_status
+
+    store = _store(request)
+    return lambda: run_status(store)
+
+
 def _plan_train(request: Request) -> Work:
     """The Florence-VL trainer: shards and output resolved (and checked) before it starts.
 
@@ -182,6 +189,7 @@ STEPS: dict[str, Step] = {
         Step("export", _plan_export),
         Step("report", _plan_report),
         Step("train", _plan_train, in_round=False, uses_ray=False),
+        Step("status", _plan_status, in_round=False, uses_ray=False),
     )
 }
 # One round from the specialists, in order: what ``--stage all`` runs.
