@@ -8,7 +8,9 @@ Layout under the run's output (a path or fsspec URL)::
         trainer.pt      stage, step, world size, scheduler state, every rank's data
                         position (epoch, conversations consumed) and RNG states
         config.json     the ``train`` section, to rebuild the model (inference.py)
-        COMMITTED       written after the files above
+        COMMITTED       written after the files above: JSON of stage, step and, on a
+                        stage's last checkpoint, its image check (``image_check``:
+                        the losses, ratio threshold and ``passed``)
 
 A folder without ``COMMITTED`` is half-written (the run died while saving) and is never
 resumed or loaded; the rule holds on object stores, which have no atomic rename, as it
@@ -75,8 +77,12 @@ def write_checkpoint(
     step: int,
     files: dict[str, object],
     config: TrainConfig,
+    marker: dict | None = None,
 ) -> str:
-    """Write ``files`` (name -> object for ``torch.save``) and the config, then commit."""
+    """Write ``files`` (name -> object for ``torch.save``) and the config, then commit.
+
+    ``marker``: more JSON fields for the ``COMMITTED`` marker (``read_marker``).
+    """
     url = posixpath.join(output.rstrip("/"), CHECKPOINTS, checkpoint_name(stage, step))
     for name, obj in files.items():
         with fsspec.open(posixpath.join(url, name), "wb") as f:
@@ -84,8 +90,15 @@ def write_checkpoint(
     with fsspec.open(posixpath.join(url, "config.json"), "w") as f:
         f.write(config.model_dump_json(indent=1))
     with fsspec.open(posixpath.join(url, MARKER), "w") as f:
-        f.write(json.dumps({"stage": stage, "step": step}))
+        f.write(json.dumps({"stage": stage, "step": step, **(marker or {})}))
     return url
+
+
+def read_marker(checkpoint: str) -> dict:
+    """The ``COMMITTED`` marker of a committed checkpoint: stage, step, and image_check on a
+    stage's last checkpoint (absent from checkpoints written before it existed)."""
+    with fsspec.open(posixpath.join(checkpoint, MARKER), "r") as f:
+        return json.loads(f.read() or "{}")
 
 
 def prune_checkpoints(output: str, stage: str, step: int, stage_steps: int) -> None:

@@ -97,10 +97,32 @@ class TrainDataConfig(_Section):
     # Samples kept in memory for shuffling; 0 reads in shard order.
     shuffle_buffer: int = Field(default=1000, ge=0)
     # Share of images (chosen by a hash of image_id, so the same ones on every rank and
-    # every run) kept out of training. At the end of each stage a batch of them is scored
-    # with the true images and with the images shuffled across the batch: a falling loss
-    # alone does not show that the model looks at the image, this gap does. 0 = no check.
+    # every run) kept out of training, for the image check (ImageCheckConfig). It must
+    # leave at least image_check.samples images: a store of N images holds out ~N x this.
+    # 0 = no check.
     holdout_fraction: float = Field(default=0.01, ge=0, lt=1)
+
+
+class ImageCheckConfig(_Section):
+    """The end-of-stage check that the model reads the images (engine/train/image_check.py).
+
+    Held-out samples are scored with their own images and with the images shuffled across
+    the batch; a model that learnt only the texts' language scores the same on both.
+    """
+
+    # Held-out samples scored (one per image). 8 cannot tell a 1% gap from the noise of
+    # which images happened to be drawn; 64 can, and costs seconds even at full size.
+    samples: int = Field(default=64, ge=2)
+    # The stage passes when its shuffled-image loss is at least this times its true-image
+    # loss. 1.1: on template-like captions most tokens are predictable from the text alone,
+    # so even a model that reads the images well gains only on the words the image decides
+    # (colours, counts, places); a tenth of the loss is clearly more than noise, and an
+    # image-blind model scores 1.00. 0 = never fail (the check is still logged).
+    min_ratio: float = Field(default=1.1, ge=0)
+    # fail: the run stops with one line (exit 1) after writing the stage's checkpoint,
+    # marked as failed, and a rerun refuses to go on from it; warn: a loud log line and the
+    # same mark, and training goes on (for experiments that expect a blind model).
+    on_fail: Literal["fail", "warn"] = "fail"
 
 
 class TrainStageConfig(_Section):
@@ -123,6 +145,7 @@ class TrainConfig(_Section):
     language_model: LanguageModelConfig = LanguageModelConfig()
     fusion: FusionConfig = FusionConfig()
     data: TrainDataConfig = TrainDataConfig()
+    image_check: ImageCheckConfig = ImageCheckConfig()
     # Florence-VL: stage 1 pre-trains end to end on detailed captions (lr 1e-5, one
     # epoch); stage 2 fine-tunes projector + LLM on instruction data.
     stage1: TrainStageConfig = TrainStageConfig(steps=1000, train_vision_tower=True)

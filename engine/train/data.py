@@ -196,7 +196,7 @@ def _drafts(
         if isinstance(source, list):  # a piece of the LLaVA file
             yield from source
             continue
-        for url, key, record, image in _records(_samples(source, stats), stats):
+        for url, key, record, image in shard_records(source, stats):
             # Seeded by the record, not by its position: prompts do not depend on the order.
             rng = _rng(seed, epoch, record.image_id)
             if stage == "stage1":
@@ -233,11 +233,10 @@ def _samples(url: str, stats: ReadStats) -> Iterator[dict[str, Any]]:
     yield from group_by_keys(tar_file_expander(opened(), handler=handler), handler=handler)
 
 
-def _records(
-    samples: Iterable[dict[str, Any]], stats: ReadStats
-) -> Iterator[tuple[str, str, ImageRecord, bytes]]:
-    """``(url, key, record, jpg)`` of each complete sample whose JSON is a record."""
-    for sample in samples:
+def shard_records(url: str, stats: ReadStats) -> Iterator[tuple[str, str, ImageRecord, bytes]]:
+    """``(url, key, record, jpg)`` of each complete sample of the shard at ``url`` whose
+    JSON is a record (the export format); everything else is skipped and counted."""
+    for sample in _samples(url, stats):
         url, key = sample["__url__"], sample["__key__"]
         where = f"{url}#{key}"
         missing = [ext for ext in ("jpg", "json") if ext not in sample]

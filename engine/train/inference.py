@@ -5,7 +5,9 @@
 ``DIR`` is a committed checkpoint folder (``<output>/checkpoints/<stage>-step<N>``) or a
 run's output, whose latest committed checkpoint is then used. The model is rebuilt from
 the checkpoint's ``config.json`` (the same checkpoints, or the same tiny models, as in
-training) and its weights loaded; decoding is greedy.
+training) and its weights loaded; decoding is greedy. A checkpoint whose stage failed
+its image check (kept under ``image_check.on_fail: warn``) loads with a warning: its
+answers come from the texts it learnt, not from the image.
 """
 
 from __future__ import annotations
@@ -15,13 +17,20 @@ import functools
 import io
 import posixpath
 import sys
+import warnings
 from pathlib import Path
 
 import fsspec
 import torch
 from PIL import Image, ImageOps
 
-from engine.train.checkpoint import MARKER, latest_checkpoint, load_config, load_file
+from engine.train.checkpoint import (
+    MARKER,
+    latest_checkpoint,
+    load_config,
+    load_file,
+    read_marker,
+)
 from engine.train.data import with_image
 from engine.train.model import FlorenceVL, FlorenceVLProcessor, build_florence_vl
 
@@ -41,6 +50,14 @@ def resolve_checkpoint(path: str) -> str:
 def load_trained(checkpoint: str) -> tuple[FlorenceVL, FlorenceVLProcessor, torch.device]:
     """The model of a checkpoint, in eval mode on a GPU when there is one (cached)."""
     checkpoint = resolve_checkpoint(checkpoint)
+    check = read_marker(checkpoint).get("image_check")
+    if check is not None and not check["passed"]:
+        warnings.warn(
+            f"{checkpoint} failed its image check (loss {check['true_images']:.4f} with the "
+            f"images, {check['shuffled_images']:.4f} shuffled): it answers from the texts "
+            "it learnt, not from the image",
+            stacklevel=2,
+        )
     model, processor = build_florence_vl(load_config(checkpoint))
     model.load_state_dict(load_file(checkpoint, "model.pt"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

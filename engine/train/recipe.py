@@ -32,19 +32,23 @@ import random
 import time
 from collections.abc import Iterable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from engine.execution import StageError
 from engine.summary import StageSummary
 from engine.train.checkpoint import (
+    CHECKPOINTS,
     STAGE_ORDER,
+    checkpoint_name,
     latest_checkpoint,
     load_file,
     parse_checkpoint_name,
     prune_checkpoints,
+    read_marker,
     rng_state,
     set_rng_state,
     write_checkpoint,
@@ -57,6 +61,7 @@ from engine.train.data import (
     collate,
     encode_conversation,
 )
+from engine.train.image_check import ImageCheck, score_image_reliance
 
 # Re-exported: engine/run.py resolves the inputs, then trains, with names from here.
 from engine.train.inputs import TrainInputError as TrainInputError
@@ -132,16 +137,6 @@ class StepLog:
 
 
 @dataclass
-class ImageCheck:
-    """Held-out loss with the true images and with the images shuffled across the batch."""
-
-    stage: str
-    samples: int
-    true_images: float
-    shuffled_images: float
-
-
-@dataclass
 class _Resume:
     stage: str
     step: int
@@ -189,6 +184,7 @@ class FlorenceVLRecipe:
                     f"checkpoint {url} was written by {trainer['world_size']} rank(s); "
                     f"resume it with the same number (now {self.ranks.world_size})"
                 )
+            self.refuse_image_blind(url)
             self.model.load_state_dict(load_file(url, "model.pt"))
             self.resume = _Resume(stage, step, url, trainer)
             self.log(f"[train] resuming from {url}")
@@ -197,6 +193,21 @@ class FlorenceVLRecipe:
         # ran before it in the process.
         torch.manual_seed(cfg.seed + self.ranks.rank)
         random.seed(cfg.seed + self.ranks.rank)
+
+    def refuse_image_blind(self, url: str) -> None:
+        """A rerun must not go on from a stage that failed its image check: it would skip
+        the finished stage, and so its check, and train the next on an image-blind model."""
+        check = read_marker(url).get("image_check")
+        settings = self.config.image_check
+        if check is None or settings.on_fail != "fail":
+            return
+        if check["shuffled_images"] < settings.min_ratio * check["true_images"]:
+            raise StageError(
+                f"checkpoint {url} failed its image check (shuffled/true loss "
+                f"{check['shuffled_images'] / check['true_images']:.3f} < "
+                f"train.image_check.min_ratio {settings.min_ratio:g}); delete it to retrain, "
+                "or set train.image_check.on_fail=warn to go on from it"
+            )
 
     def _autocast(self):
         precision = self.config.precision
@@ -319,13 +330,18 @@ class FlorenceVLRecipe:
                 )
                 window.zero_()
                 window_start = time.perf_counter()
-            if done % cfg.save_every == 0 or done == settings.steps:
-                self.save_checkpoint(stage, done, optimizer, scheduler, stream.position)
+            last = done == settings.steps
+            # The stage's verdict goes into its last checkpoint's marker, so it is checked
+            # before that checkpoint is written.
+            check = self.check_image_reliance(stage, settings.batch_size) if last else None
+            if done % cfg.save_every == 0 or last:
+                url = self.save_checkpoint(
+                    stage, done, optimizer, scheduler, stream.position, check
+                )
+            if last:
+                self.judge(check, url)
             if self.stop_after is not None and self.steps_run >= self.stop_after:
                 return False
-
-        if ranks.main:
-            self.check_image_reliance(stage, settings.batch_size)
         return True
 
     def encode(self, conversations: Iterable[Conversation], size: int) -> dict[str, torch.Tensor]:
@@ -350,34 +366,56 @@ class FlorenceVLRecipe:
         batch = collate(samples, tokenizer.pad_token_id, self.processor.pixel_values)
         return {k: v.to(self.ranks.device, non_blocking=True) for k, v in batch.items()}
 
-    @torch.no_grad()
     def check_image_reliance(self, stage: str, size: int) -> ImageCheck | None:
-        """Held-out loss with the true images vs the images rolled by one across the batch.
+        """The image check of ``stage`` (engine/train/image_check.py), the same on every rank.
 
-        Rolling pairs every text with another sample's image. A model that reads the
-        image scores clearly worse on the rolled batch; one that only learned the
-        captions' language scores the same.
+        Rank 0 scores up to ``image_check.samples`` held-out conversations, each of a
+        different image, in batches of ``size``, and logs the result; under DDP the others
+        receive it, so that every rank reaches the same verdict. None when fewer than 2
+        held-out images exist (no verdict).
         """
         cfg = self.config
-        conversations = held_out_batch(self.shards, stage, cfg.data, cfg.seed, max(2, size))
-        if len(conversations) < 2:
-            self.log(f"[train] {stage} image check: fewer than 2 held-out images, skipped")
-            return None
-        batch = self.encode(conversations, len(conversations))
-        self.model.eval()
-        with self.autocast():
-            true_loss = self.model(**batch).loss.item()
-            batch["pixel_values"] = batch["pixel_values"].roll(1, dims=0)
-            shuffled_loss = self.model(**batch).loss.item()
-        self.model.train()
-        check = ImageCheck(stage, len(conversations), true_loss, shuffled_loss)
-        self.image_checks.append(check)
-        self.log(
-            f"[train] {stage} image check on {check.samples} held-out samples: "
-            f"loss {true_loss:.4f} with their images, {shuffled_loss:.4f} with the images "
-            f"shuffled (gap {shuffled_loss - true_loss:+.4f})"
-        )
+        check = None
+        if self.ranks.main:
+            wanted = cfg.image_check.samples
+            conversations = held_out_batch(self.shards, stage, cfg.data, cfg.seed, wanted)
+            if len(conversations) < 2:
+                self.log(f"[train] {stage} image check: fewer than 2 held-out images, skipped")
+            else:
+                check = score_image_reliance(
+                    self.model,
+                    self.encode,
+                    conversations,
+                    stage,
+                    size,
+                    cfg.image_check.min_ratio,
+                    self.autocast,
+                )
+                self.image_checks.append(check)
+                self.log(f"[train] {check.line()}")
+                if len(conversations) < wanted:
+                    self.log(
+                        f"[train] {stage} image check: only {len(conversations)} held-out "
+                        f"images of the {wanted} asked for (raise data.holdout_fraction)"
+                    )
+        if self.ranks.ddp:
+            box = [check]
+            dist.broadcast_object_list(box, src=0)
+            check = box[0]
         return check
+
+    def judge(self, check: ImageCheck | None, checkpoint: str) -> None:
+        """Stop the run on a failed image check, or warn loudly (``image_check.on_fail``)."""
+        if check is None or check.passed:
+            return
+        reason = (
+            f"{check.stage} does not use the images: held-out loss with shuffled images is "
+            f"{check.ratio:.3f}x the loss with their own, below train.image_check.min_ratio "
+            f"{check.min_ratio:g}; checkpoint {checkpoint} is marked image-blind"
+        )
+        if self.config.image_check.on_fail == "fail":
+            raise StageError(f"{reason} (train longer, or set train.image_check.on_fail=warn)")
+        self.log(f"[train] WARNING: {reason}; going on (image_check.on_fail=warn)")
 
     # ------------------------------------------------------------------------ save
 
@@ -388,15 +426,21 @@ class FlorenceVLRecipe:
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         position: DataPosition,
-    ) -> None:
-        """Rank 0 writes and commits a checkpoint; every rank must call this (gather)."""
+        image_check: ImageCheck | None = None,
+    ) -> str:
+        """Rank 0 writes and commits a checkpoint; every rank must call this (gather).
+
+        ``image_check`` (a stage's last checkpoint) is recorded in the marker. Returns the
+        checkpoint's URL (the same on every rank).
+        """
+        url = posixpath.join(self.output.rstrip("/"), CHECKPOINTS, checkpoint_name(stage, step))
         mine = {"data": vars(position).copy(), "rng": rng_state(self.ranks.device)}
         everyone = [mine]
         if self.ranks.ddp:
             everyone = [None] * self.ranks.world_size
             dist.all_gather_object(everyone, mine)
         if not self.ranks.main:
-            return
+            return url
         trainer = {
             "stage": stage,
             "step": step,
@@ -410,9 +454,11 @@ class FlorenceVLRecipe:
             "optimizer.pt": optimizer.state_dict(),
             "trainer.pt": trainer,
         }
-        url = write_checkpoint(self.output, stage, step, files, self.config)
+        marker = {"image_check": asdict(image_check)} if image_check is not None else {}
+        url = write_checkpoint(self.output, stage, step, files, self.config, marker)
         prune_checkpoints(self.output, stage, step, getattr(self.config, stage).steps)
         self.log(f"[train] saved {url}")
+        return url
 
     # ------------------------------------------------------------------------ cleanup
 
