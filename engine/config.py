@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from engine.train.config import TrainConfig
+from engine.train.config import TinyModelConfig, TrainConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -199,6 +199,51 @@ class ExportConfig(_Section):
     coco: bool = True
 
 
+class StudentConfig(_Section):
+    """The Florence-2 student a refinement round trains on the previous round's shards
+    (refinement/student.py). Initialised from the previous round's model when there is
+    one, else from ``checkpoint``, else from ``tiny`` (a random model for tests and demo)."""
+
+    # Production: a Florence-2-base/large checkpoint with its revision pinned.
+    checkpoint: str | None = None
+    revision: str | None = None
+    tiny: TinyModelConfig | None = None
+    # Florence-2 tasks to train on (refinement/targets.py writes their targets).
+    tasks: list[str] = ["<OD>", "<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>"]
+    steps: int = Field(default=1000, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+    # Fine-tuning a pretrained Florence-2 wants 1e-6 to 5e-6; a tiny random one far more.
+    lr: float = Field(default=5e-6, gt=0)
+    warmup_steps: int = Field(default=50, ge=0)
+    weight_decay: float = Field(default=0.01, ge=0)
+    # Box quality needs the vision encoder trained with the rest.
+    freeze_vision: bool = False
+    # Images (by a hash of the id) kept out of training for the image check.
+    holdout_fraction: float = Field(default=0.05, gt=0, lt=1)
+    image_check_samples: int = Field(default=64, ge=2)
+    # The student is refused unless its held-out loss with the images shuffled across
+    # the batch is at least this many times its loss with the true images: a model that
+    # learnt the targets' language alone scores the same on both.
+    min_image_gain: float = Field(default=1.1, ge=1)
+    checkpoint_every: int = Field(default=200, ge=1)
+    # Ray Train: workers, their resources, restarts after a worker dies.
+    num_workers: int = Field(default=1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    max_failures: int = Field(default=2, ge=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_source(self) -> StudentConfig:
+        if self.checkpoint is not None and self.tiny is not None:
+            raise ValueError("give the student a checkpoint or a tiny model, not both")
+        return self
+
+
+class RefineConfig(_Section):
+    student: StudentConfig = StudentConfig()
+
+
 class ReportConfig(_Section):
     gallery_size: int = Field(default=24, ge=0)
     # spaCy pipeline for the text statistics table (FLD-5B Table 3).
@@ -216,6 +261,8 @@ class EngineConfig(_Section):
     report: ReportConfig = ReportConfig()
     # The Florence-VL trainer (--stage train).
     train: TrainConfig = TrainConfig()
+    # Refinement rounds: the Florence-2 student.
+    refine: RefineConfig = RefineConfig()
 
 
 def apply_override(data: dict[str, Any], override: str) -> None:

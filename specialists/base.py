@@ -67,7 +67,7 @@ def load_pretrained(
     The model is ``config.model`` at ``config.revision``; ``model_id`` and ``revision``
     name another one instead (a second model of one specialist), loaded with the same
     dtype, device and ``trust_remote_code``. It may be a hub id, a local folder or an
-    fsspec URL of a folder, which is copied to a local cache first (``_local_folder``).
+    fsspec URL of a folder, which is copied to a local cache first (``local_model_folder``).
 
     A hub branch or tag is resolved once to its commit and both ``from_pretrained`` calls
     get that commit, so weights and processor come from one repository state and lineage
@@ -79,7 +79,7 @@ def load_pretrained(
 
     if model_id is None:
         model_id, revision = config.model, config.revision
-    folder = _local_folder(model_id)
+    folder = local_model_folder(model_id)
     resolved = resolve_revision(folder, revision)
     commit = getattr(resolved, "resolved", None)
     if commit is None and revision and re.fullmatch(r"[0-9a-f]{40}", revision):
@@ -92,7 +92,7 @@ def load_pretrained(
     return LoadedModel(model, processor, device, dtype, revision_label(model_id, revision, commit))
 
 
-def _local_folder(model: str) -> str:
+def local_model_folder(model: str) -> str:
     """What ``from_pretrained`` can read for ``model``: a hub id or local folder as is; a
     folder named by an fsspec URL (``s3://bucket/store/.../model``, ``file:///...``)
     copied to a local cache first.
