@@ -223,8 +223,9 @@ class StudentConfig(_Section):
     image_check_samples: int = Field(default=64, ge=2)
     # The student is refused unless its held-out loss with the images shuffled across
     # the batch is at least this many times its loss with the true images: a model that
-    # learnt the targets' language alone scores the same on both.
-    min_image_gain: float = Field(default=1.1, ge=1)
+    # learnt the targets' language alone scores the same on both. 0 accepts any student
+    # (a smoke run of the loop, never a nightly round).
+    min_image_gain: float = Field(default=1.1, ge=0)
     checkpoint_every: int = Field(default=200, ge=1)
     # Ray Train: workers, their resources, restarts after a worker dies.
     num_workers: int = Field(default=1, ge=1)
@@ -242,6 +243,12 @@ class StudentConfig(_Section):
 
 class RefineConfig(_Section):
     student: StudentConfig = StudentConfig()
+    # What an accepted student annotates, each task as a florence2 specialist; the
+    # annotator entry gives their resources and batching (model and task are the round's).
+    annotate_tasks: list[str] = ["<OD>", "<MORE_DETAILED_CAPTION>"]
+    annotator: SpecialistConfig = SpecialistConfig(name="student", kind="florence2")
+    # A refine that stops renewing its lease for this long is taken over by the next one.
+    lock_ttl_s: float = Field(default=300.0, gt=0)
 
 
 class ReportConfig(_Section):

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 MANIFEST = "manifest"
 QUARANTINE = "quarantine"
 LOCKS = "locks"
+# The lease a refinement round holds: one refine per store at a time.
+REFINE_LOCK = "refine"
 ROUNDS = "rounds"
 SHARDS = "shards"
 REPORTS = "reports"

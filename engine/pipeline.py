@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from engine.config import ConfigError, EngineConfig
-from engine.execution import ray_session
+from engine.execution import StageError, ray_session
 from engine.round_state import commit_round, config_digest, record_step
 from engine.store import Store
 from engine.summary import StageSummary
@@ -154,6 +154,17 @@ def _plan_report(request: Request) -> Work:
     return lambda: run_report(store, request.config, number)
 
 
+def _plan_refine(request: Request) -> Work:
+    from refinement.refine import parent_round, run_refine
+
+    store, number = _store(request), _round(request)
+    try:
+        parent_round(store, number)
+    except StageError as exc:
+        raise PlanError(str(exc)) from exc
+    return lambda: run_refine(store, request.config, number)
+
+
 def _plan_status(request: Request) -> Work:
     from refinement.status import run_status
 
@@ -188,6 +199,8 @@ STEPS: dict[str, Step] = {
         Step("filter", _plan_filter),
         Step("export", _plan_export),
         Step("report", _plan_report),
+        # A whole refinement round; it keeps its own round's state step by step.
+        Step("refine", _plan_refine, in_round=False),
         Step("train", _plan_train, in_round=False, uses_ray=False),
         Step("status", _plan_status, in_round=False, uses_ray=False),
     )

@@ -101,7 +101,9 @@ def make_request(args: argparse.Namespace, config: EngineConfig) -> Request:
         round_number = int(args.round) if args.round is not None else None
     else:
         store = open_store(args.store or config.store)
-        round_number = resolve_round(args.round, store)
+        # A refine makes a new round: the one after the latest committed, by default.
+        wanted = "next" if args.stage == "refine" and args.round is None else args.round
+        round_number = resolve_round(wanted, store)
     return Request(config, store, round_number, tuple(args.input), alone=args.stage != "all")
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 
-from engine.layout import MANIFEST, round_layout
+from engine.layout import MANIFEST, REFINE_LOCK, round_layout
 from engine.round_state import read_round_state, started_rounds
 from engine.store import Store, records_dataset
 from engine.summary import StageSummary
@@ -20,7 +20,6 @@ from refinement.lock import read_leases
 
 # The quality rows shown, by their label in quality.json, and the column read.
 QUALITY_ROWS = ("box AP50", "box P @.5", "box R @.5", "grounding R", "OCR word acc")
-REFINE_LOCK = "refine"
 
 
 def committed_rows(store: Store, dataset: str) -> int:

@@ -20,7 +20,7 @@ import io
 import sys
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -74,27 +74,45 @@ def specialist_levels(specialists: dict[str, Specialist]) -> list[list[str]]:
     return levels
 
 
-def run_annotate(store: Store, config: EngineConfig, round_number: int) -> StageSummary:
+def run_annotate(
+    store: Store,
+    config: EngineConfig,
+    round_number: int,
+    specialists: Sequence[SpecialistConfig] | None = None,
+    units: Collection[str] | None = None,
+) -> StageSummary:
+    """Run ``specialists`` (default: the config's) over the manifest's ``units`` (default:
+    all of them) into the round's ``annotate/<name>/`` datasets, skipping committed units.
+
+    A refinement round runs its student over every unit and the specialists only over
+    the units ingested since the previous round.
+    """
     started = time.perf_counter()
     summary = StageSummary(
         "annotate", location=store.path(round_layout(round_number).annotate_root)
     )
-    specs = {s.name: s for s in config.annotate.specialists}
+    chosen = config.annotate.specialists if specialists is None else specialists
+    specs = {s.name: s for s in chosen}
     if not specs:
         summary.notes["no specialists configured"] += 1
         return summary
-    specialists = {name: build_specialist(spec) for name, spec in specs.items()}
-    units = kept_image_ids_by_unit(store)
-    for level in specialist_levels(specialists):
+    built = {name: build_specialist(spec) for name, spec in specs.items()}
+    chosen_units = {
+        key: ids
+        for key, ids in kept_image_ids_by_unit(store).items()
+        if units is None or key in units
+    }
+    for level in specialist_levels(built):
         upstream = {
             name: [
                 round_layout(round_number).annotate(other)
                 for other in specs
-                if other != name and specialists[other].produces & specialists[name].needs
+                if other != name and built[other].produces & built[name].needs
             ]
             for name in level
         }
-        _run_level(store, config, round_number, [specs[n] for n in level], units, upstream, summary)
+        level_specs = [specs[n] for n in level]
+        _run_level(store, config, round_number, level_specs, chosen_units, upstream, summary)
     summary.seconds = time.perf_counter() - started
     return summary
 

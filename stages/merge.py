@@ -40,12 +40,12 @@ per-record rule itself is the pure function ``merge_record``.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, SpecialistConfig
 from engine.execution import StageError, run_units
 from engine.geometry import boxes_array, pairwise_iou
 from engine.layout import MANIFEST, round_layout
@@ -122,27 +122,36 @@ def run_merge(
     round_number: int,
     base: str = MANIFEST,
     policy: MergePolicy | None = None,
+    specialists: Sequence[SpecialistConfig] | None = None,
+    units: Collection[str] | None = None,
 ) -> StageSummary:
-    """Merge the round's specialist outputs onto the ``base`` dataset's records with
-    ``policy`` (default: ``SpecialistMerge`` with ``merge.iou``) into ``merged/``.
+    """Merge the outputs of ``specialists`` (default: the config's) onto the ``base``
+    dataset's records with ``policy`` (default: ``SpecialistMerge`` with ``merge.iou``),
+    for the manifest's ``units`` (default: all), into the round's ``merged/``.
 
-    ``base`` is cut into the manifest's units, like every round dataset.
+    ``base`` is cut into the manifest's units, like every round dataset. A refinement
+    round merges its student onto the previous round's records for the units that round
+    had, and student and specialists onto the manifest for the units new since.
     """
     if policy is None:
         policy = SpecialistMerge(config.merge.iou, config.merge.fuse_boxes)
     sources, region_texts = [], []
-    for spec in config.annotate.specialists:
+    for spec in config.annotate.specialists if specialists is None else specialists:
         dataset = round_layout(round_number).annotate(spec.name)
         # Constructors are cheap by contract; an instance also knows what options decide.
         if "region_text" in build_specialist(spec).produces:
             region_texts.append((spec.name, dataset))
         else:
             sources.append(dataset)
-    units = kept_image_ids_by_unit(store)
+    chosen = {
+        key: ids
+        for key, ids in kept_image_ids_by_unit(store).items()
+        if units is None or key in units
+    }
     missing = [
         f"{dataset} has not committed unit {unit}"
         for dataset in [base, *sources, *(dataset for _, dataset in region_texts)]
-        for unit in units
+        for unit in chosen
         if not store.is_committed(dataset, unit)
     ]
     if missing:
@@ -152,7 +161,7 @@ def run_merge(
     out = round_layout(round_number).merged
     work = [
         MergeUnit(key, store.url, ids, base, tuple(sources), out, policy, tuple(region_texts))
-        for key, ids in units.items()
+        for key, ids in chosen.items()
     ]
     summary = run_units(
         "merge",

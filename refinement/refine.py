@@ -1,0 +1,176 @@
+"""A refinement round: ``--stage refine --round next`` makes round N+1 from round N.
+
+Round N is the latest committed round. Under the store's refine lease
+(refinement/lock.py), each step below is recorded in round N+1's state when it ends and
+skipped when a rerun finds it recorded, so a killed round started again carries on:
+
+1. **train**: the Florence-2 student on round N's shards (refinement/student.py), into
+   ``rounds/r(N+1)/model/``. A student that fails its image check annotates nothing.
+2. **annotate**: the accepted student over every manifest unit, one florence2 specialist
+   per ``refine.annotate_tasks``; the configured specialists only over the units
+   ingested since round N (old images keep the specialist labels they have).
+3. **merge**: for units round N had, the student's output onto round N's kept records;
+   for new units, student and specialists onto the manifest, as in round 0. Human labels
+   are never replaced and every annotation keeps its lineage (``source`` names the
+   student's model and revision, ``round`` the round that made it).
+4. **filter**, **export**, **report**: the stages as in round 0.
+5. The round is committed: readers, ``--round`` defaults and the next refine see it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+
+from engine.config import EngineConfig, SpecialistConfig
+from engine.execution import StageError
+from engine.layout import MANIFEST, REFINE_LOCK, round_layout
+from engine.round_state import (
+    RoundState,
+    commit_round,
+    committed_rounds,
+    config_digest,
+    read_round_state,
+    record_step,
+    write_round_state,
+)
+from engine.store import Store, records_dataset
+from engine.summary import StageSummary
+from refinement.lock import LockHeld, StoreLock
+from refinement.student import REPORT_FILE, StudentReport, train_student
+
+
+def student_annotators(config: EngineConfig, model_url: str) -> list[SpecialistConfig]:
+    """One florence2 specialist per task the student annotates, running its model."""
+    template = config.refine.annotator
+    return [
+        template.model_copy(
+            update={
+                "name": f"{template.name}_{task.strip('<>').lower()}",
+                "model": model_url,
+                "options": {**template.options, "task": task},
+            }
+        )
+        for task in config.refine.annotate_tasks
+    ]
+
+
+def new_units(store: Store, parent: int) -> set[str]:
+    """Manifest units that round ``parent`` did not export: ingested since it was made.
+    (A committed round has exported every unit it had, so its export is the record.)"""
+    known = set(store.committed_units(round_layout(parent).shards))
+    return set(store.committed_units(MANIFEST)) - known
+
+
+def parent_round(store: Store, round_number: int) -> int:
+    """The committed round that ``round_number`` refines; refuses anything but the next."""
+    committed = committed_rounds(store)
+    if not committed:
+        raise StageError("refine needs a committed round to start from: run --stage all first")
+    if round_number != committed[-1] + 1:
+        raise StageError(
+            f"refine makes the round after the latest committed one "
+            f"(r{committed[-1]:03d}), so round {committed[-1] + 1}, not {round_number}"
+        )
+    return committed[-1]
+
+
+def run_refine(
+    store: Store,
+    config: EngineConfig,
+    round_number: int,
+    echo: Callable[[str], None] | None = print,
+) -> StageSummary:
+    """Make round ``round_number`` from the round before it; see the module docstring."""
+    parent = parent_round(store, round_number)
+    try:
+        with StoreLock(store, REFINE_LOCK, ttl_s=config.refine.lock_ttl_s) as lock:
+            return _refine(store, config, round_number, parent, lock, echo)
+    except LockHeld as exc:
+        raise StageError(f"refine: {exc}") from exc
+
+
+def _refine(
+    store: Store,
+    config: EngineConfig,
+    round_number: int,
+    parent: int,
+    lock: StoreLock,
+    echo: Callable[[str], None] | None,
+) -> StageSummary:
+    from stages.annotate import run_annotate
+    from stages.export import run_export
+    from stages.filter import run_filter
+    from stages.merge import run_merge
+    from stages.report import run_report
+
+    started = time.perf_counter()
+    layout = round_layout(round_number)
+    summary = StageSummary("refine", location=store.path(layout.root))
+    for lease in lock.taken_over:
+        summary.notes[f"took over the lease of a dead run ({lease.owner})"] += 1
+    state = read_round_state(store, round_number) or RoundState(round_number, parent=parent)
+    write_round_state(store, state)
+    digest = config_digest(config)
+    fresh = new_units(store, parent)
+    known = set(store.committed_units(MANIFEST)) - fresh
+    base = records_dataset(store, parent)
+
+    def step(name: str, work: Callable[[], StageSummary]) -> None:
+        """Run one step unless the round's state has it done, then record it."""
+        if name in state.steps:
+            summary.notes[f"{name}: done by an earlier run"] += 1
+            return
+        lock.check()  # a lost lease means another refine may be writing this round
+        done = work()
+        if echo is not None:
+            echo(done.format())
+        state.steps.update(record_step(store, round_number, name, digest).steps)
+
+    step("train", lambda: _trained(store, config, round_number))
+    student = _student_report(store, round_number)
+    model_url = store.fs.unstrip_protocol(store.path(layout.model))
+    students = student_annotators(config, model_url) if student.accepted else []
+    verdict = "accepted" if student.accepted else "refused"
+    summary.notes[f"student {verdict}: {student.reason}"] += 1
+    specialists = list(config.annotate.specialists)
+
+    def annotate() -> StageSummary:
+        done = run_annotate(store, config, round_number, students)
+        if fresh:
+            done.add(run_annotate(store, config, round_number, specialists, fresh))
+        return done
+
+    def merge() -> StageSummary:
+        done = run_merge(store, config, round_number, base, None, students, known)
+        if fresh:
+            everyone = [*students, *specialists]
+            done.add(run_merge(store, config, round_number, MANIFEST, None, everyone, fresh))
+        return done
+
+    step("annotate", annotate)
+    step("merge", merge)
+    step("filter", lambda: run_filter(store, config, round_number))
+    step("export", lambda: run_export(store, config, round_number))
+    step("report", lambda: run_report(store, config, round_number))
+    commit_round(store, round_number)
+    summary.inputs = len(known) + len(fresh)
+    summary.outputs = len(store.committed_units(layout.filtered))
+    summary.notes[f"units new since r{parent:03d}"] += len(fresh)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _trained(store: Store, config: EngineConfig, round_number: int) -> StageSummary:
+    started = time.perf_counter()
+    report = train_student(store, config, round_number)
+    done = StageSummary("refine: train", seconds=time.perf_counter() - started)
+    done.inputs = report.steps * config.refine.student.batch_size
+    done.location = store.path(round_layout(round_number).model)
+    return done
+
+
+def _student_report(store: Store, round_number: int) -> StudentReport:
+    path = store.path(round_layout(round_number).model, REPORT_FILE)
+    return StudentReport(**json.loads(store.fs.cat_file(path)))

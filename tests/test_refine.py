@@ -1,0 +1,121 @@
+"""Refinement rounds end to end: round 0 from a generated world, then two refine rounds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from engine.layout import MANIFEST, round_layout
+from engine.records import Caption, ImageRecord, Region, records_from_table, records_to_table
+from engine.round_state import committed_rounds, read_round_state
+from engine.run import main
+from engine.world import render_image
+from refinement.lock import StoreLock
+from refinement.student import REPORT_FILE
+from tests.world_shards import exported_world
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+HUMAN = "human:coco"
+
+
+def refine_config(folder: Path, min_image_gain: float) -> str:
+    """The test config plus the world's specialists and a tiny student."""
+    config = yaml.safe_load(Path("engine/configs/test.yaml").read_text())
+    config["annotate"] = {
+        "specialists": [
+            {"name": "shapes", "kind": "world_shapes", "num_cpus": 0.25},
+            {"name": "captions", "kind": "world_captions", "num_cpus": 0.25},
+        ]
+    }
+    config["refine"] = {
+        "student": {
+            "tiny": {"hidden_size": 32, "layers": 1, "heads": 2, "image_size": 64},
+            "steps": 4, "batch_size": 4, "lr": 1e-3, "warmup_steps": 1,
+            "holdout_fraction": 0.3, "checkpoint_every": 2, "cpus_per_worker": 0.5,
+            "min_image_gain": min_image_gain,
+        },
+        "annotate_tasks": ["<OD>"],
+        "annotator": {"name": "student", "kind": "florence2", "num_cpus": 0.25,
+                      "options": {"max_new_tokens": 24}},
+    }  # fmt: skip
+    path = folder / f"refine-{min_image_gain}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def add_new_images(store, count: int) -> ImageRecord:
+    """Images ingested after round 0, one of them with human labels; returns that one."""
+    records, images = [], []
+    for index in range(count):
+        item = render_image(seed=11, index=index)
+        records.append(item.record)
+        images.append(item.png)
+    labelled = records[0]
+    labelled.captions = {"brief": Caption("A test image.", HUMAN)}
+    labelled.regions = [Region((1, 1, 20, 20), "red circle", "object", HUMAN)]
+    labelled.phrases = []
+    for record in records[1:]:
+        record.captions, record.regions, record.phrases = {}, [], []
+    store.commit_unit("u900", {MANIFEST: records_to_table(records, images)})
+    return labelled
+
+
+def human_labels(record: ImageRecord) -> tuple:
+    """The human caption texts and boxes of a record (the filter adds caption statistics)."""
+    captions = {k: c.text for k, c in record.captions.items() if c.source == HUMAN}
+    regions = [(r.box, r.text, r.kind) for r in record.regions if r.source == HUMAN]
+    return captions, regions
+
+
+def kept(store, round_number: int) -> dict[str, ImageRecord]:
+    table = store.read(round_layout(round_number).filtered)
+    return {r.image_id: r for r in records_from_table(table)}
+
+
+def test_two_refine_rounds_keep_human_labels_and_refuse_a_second_refine(
+    tmp_path, ray_cluster, capsys
+):
+    store = exported_world(tmp_path / "w", images=16, seed=5, unit=8)
+    human = add_new_images(store, 4)
+    accepting = refine_config(tmp_path, min_image_gain=0.0)
+    args = ["--stage", "refine", "--store", store.url]
+
+    # Round 1: the student is accepted (gain 0 accepts any) and annotates every unit;
+    # the world's specialists run only on the 4 images ingested since round 0.
+    assert main([*args, "--config", accepting]) == 0
+    out = capsys.readouterr().out
+    assert "student accepted" in out and "units new since r000: 1" in out
+    assert committed_rounds(store) == [0, 1]
+    assert read_round_state(store, 1).parent == 0
+    layout = round_layout(1)
+    annotated = {p.rsplit("/", 1)[-1] for p in store.fs.ls(store.path(layout.annotate_root))}
+    assert annotated == {"student_od", "shapes", "captions"}
+    assert store.committed_units(layout.annotate("shapes")) == ["u900"]
+    assert len(store.committed_units(layout.annotate("student_od"))) == 3
+    first = kept(store, 1)
+    assert human_labels(first[human.image_id]) == human_labels(human)
+
+    # A second refine while one holds the lease is refused with one line naming it.
+    holder = StoreLock(store, "refine")
+    lease = holder.acquire()
+    assert main([*args, "--config", accepting]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and lease.owner in err and "since" in err
+    holder.release()
+
+    # Round 2 warm-starts from round 1's student; at the default gain this tiny student
+    # is refused, and the round goes on with round 1's records.
+    refusing = refine_config(tmp_path, min_image_gain=1.1)
+    assert main([*args, "--config", refusing]) == 0
+    assert "student refused: image-blind" in capsys.readouterr().out
+    assert committed_rounds(store) == [0, 1, 2]
+    report = store.fs.cat_file(store.path(round_layout(2).model, REPORT_FILE)).decode()
+    assert round_layout(1).model in report  # its init: round 1's model
+    second = kept(store, 2)
+    assert human_labels(second[human.image_id]) == human_labels(human)
+    assert second.keys() == first.keys()
+    # Round 2 is committed: a refine for it again is refused before any work.
+    assert main([*args, "--config", refusing, "--round", "2"]) == 2
