@@ -10,6 +10,7 @@
     rounds/rNNN/filtered/          kept records
     rounds/rNNN/dropped/           dropped records and annotations, with the reason
     rounds/rNNN/model/             the Florence-2 student trained for this round
+    rounds/rNNN/model/student.json what its training and image check found
     rounds/rNNN/quality.json       the round scored against ground truth, when there is one
     shards/rNNN/                   WebDataset export (+ _index.json, coco.json)
     reports/rNNN/                  statistics and gallery (index.html, stats.json)
@@ -27,6 +28,8 @@ QUARANTINE = "quarantine"
 LOCKS = "locks"
 # The lease a refinement round holds: one refine per store at a time.
 REFINE_LOCK = "refine"
+# Beside a round's model: what its training and image check found.
+STUDENT_REPORT = "student.json"
 ROUNDS = "rounds"
 SHARDS = "shards"
 REPORTS = "reports"
@@ -90,6 +93,10 @@ class RoundLayout:
     @property
     def model(self) -> str:
         return f"{self.root}/model"
+
+    @property
+    def student_report(self) -> str:
+        return f"{self.model}/{STUDENT_REPORT}"
 
     @property
     def quality(self) -> str:

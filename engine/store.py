@@ -108,6 +108,12 @@ class Store:
         names = [posixpath.basename(p) for p in self.fs.ls(marker_dir, detail=False)]
         return sorted(n[: -len(".json")] for n in names if n.endswith(".json"))
 
+    def committed_rows(self, dataset: str) -> int:
+        """Rows of a dataset's committed parts, from their markers: no Parquet is read."""
+        return sum(
+            self.read_marker(dataset, unit)["rows"] for unit in self.committed_units(dataset)
+        )
+
     def read(self, dataset: str, columns: list[str] | None = None) -> pa.Table | None:
         """All committed parts of a dataset in unit order, or None when it has none."""
         tables = []

@@ -38,7 +38,7 @@ from engine.round_state import (
 from engine.store import Store, records_dataset
 from engine.summary import StageSummary
 from refinement.lock import LockHeld, StoreLock
-from refinement.student import REPORT_FILE, StudentReport, train_student
+from refinement.student import StudentReport, train_student
 
 
 def student_annotators(config: EngineConfig, model_url: str) -> list[SpecialistConfig]:
@@ -172,5 +172,5 @@ def _trained(store: Store, config: EngineConfig, round_number: int) -> StageSumm
 
 
 def _student_report(store: Store, round_number: int) -> StudentReport:
-    path = store.path(round_layout(round_number).model, REPORT_FILE)
+    path = store.path(round_layout(round_number).student_report)
     return StudentReport(**json.loads(store.fs.cat_file(path)))

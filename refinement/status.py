@@ -22,11 +22,6 @@ from refinement.lock import read_leases
 QUALITY_ROWS = ("box AP50", "box P @.5", "box R @.5", "grounding R", "OCR word acc")
 
 
-def committed_rows(store: Store, dataset: str) -> int:
-    """Rows of a dataset's committed parts, from their markers."""
-    return sum(store.read_marker(dataset, unit)["rows"] for unit in store.committed_units(dataset))
-
-
 def _exported(store: Store, number: int) -> str:
     path = store.path(round_layout(number).shard_index)
     if not store.fs.exists(path):
@@ -47,14 +42,14 @@ def _quality(store: Store, number: int) -> str:
 
 def store_status(store: Store) -> list[str]:
     """The status lines of a store, as ``--stage status`` prints them."""
-    lines = [f"store {store.url}: {committed_rows(store, MANIFEST)} manifest rows"]
+    lines = [f"store {store.url}: {store.committed_rows(MANIFEST)} manifest rows"]
     for number in started_rounds(store):
         state = read_round_state(store, number)
         parent = "-" if state.parent is None else round_layout(state.parent).name
         dataset = records_dataset(store, number).rsplit("/", 1)[-1]
         lines += [
             f"{round_layout(number).name}  {state.status:<9}  parent {parent}  "
-            f"{committed_rows(store, records_dataset(store, number))} records ({dataset})",
+            f"{store.committed_rows(records_dataset(store, number))} records ({dataset})",
             f"      steps: {' '.join(state.steps) or '-'}",
             f"      export: {_exported(store, number)}",
             f"      quality: {_quality(store, number)}",

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from engine.config import EngineConfig, StudentConfig
-from engine.layout import round_layout
+from engine.layout import STUDENT_REPORT, round_layout
 from engine.round_state import committed_rounds
 from engine.store import Store
 from refinement.student_data import (
@@ -52,7 +52,6 @@ from refinement.student_data import (
 STATE_FILE = "training_state.pt"
 # The model folder is committed like a dataset's unit: a marker written after the copy.
 MODEL_UNIT = "model"
-REPORT_FILE = "student.json"
 
 
 @dataclass
@@ -254,7 +253,7 @@ def _worker(loop_config: dict[str, Any]) -> None:
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
         with resumed.as_directory() as folder:
-            if (Path(folder) / REPORT_FILE).exists():
+            if (Path(folder) / STUDENT_REPORT).exists():
                 return  # the previous run finished; the driver reads its result
             training.load_state_dict(torch.load(Path(folder) / STATE_FILE, weights_only=False))
     started, first_step = time.perf_counter(), training.step
@@ -290,7 +289,7 @@ def _worker(loop_config: dict[str, Any]) -> None:
                 reason=reason,
             )
             training.save_pretrained(folder)
-            (Path(folder) / REPORT_FILE).write_text(json.dumps(asdict(report), indent=1))
+            (Path(folder) / STUDENT_REPORT).write_text(json.dumps(asdict(report), indent=1))
             checkpoint = Checkpoint.from_directory(folder)
         ray.train.report({"step": training.step, "final": 1}, checkpoint=checkpoint)
 
@@ -339,7 +338,7 @@ def train_student(store: Store, config: EngineConfig, round_number: int) -> Stud
     if store.fs.exists(target):
         store.fs.rm(target, recursive=True)  # a copy a killed run left half done
     with result.checkpoint.as_directory() as folder:
-        report = json.loads((Path(folder) / REPORT_FILE).read_text())
+        report = json.loads((Path(folder) / STUDENT_REPORT).read_text())
         store.fs.put(os.path.join(folder, ""), target + "/", recursive=True)
     store.write_marker(layout.model, MODEL_UNIT, report)
     return StudentReport(**report)

@@ -28,7 +28,7 @@ from engine.layout import MANIFEST, QUARANTINE, round_layout
 from engine.records import DROPPED_SCHEMA, QUARANTINE_SCHEMA, RECORD_SCHEMA
 from engine.store import Store, manifest_view, records_dataset
 from engine.summary import StageSummary
-from stages import report_gallery, report_page, report_stats
+from stages import report_gallery, report_page, report_rounds, report_stats
 
 
 def _read(store: Store, dataset: str, schema: pa.Schema, columns: list[str]) -> pa.Table:
@@ -92,11 +92,16 @@ def run_report(store: Store, config: EngineConfig, round_number: int) -> StageSu
                           report_page.UNIT_BINS),
         }  # fmt: skip
         chosen = report_gallery.choose(con, config.report.gallery_size)
+    # The page leads with the round's quality, then every round so far.
     quality = quality_table(store, round_number)
-    if quality is not None:
-        tables.insert(0, quality)
+    leading = [quality] if quality is not None else []
+    tables = [*leading, report_rounds.rounds_table(store, round_number), *tables]
 
     figures = []
+    by_round = report_rounds.quality_by_round_png(store, round_number)
+    if by_round is not None:
+        store.write_bytes(f"{base}/figures/quality_by_round.png", by_round)
+        figures.append(("figures/quality_by_round.png", "Quality against ground truth by round"))
     for name, (title, xlabel, series, bins) in histograms.items():
         if any(len(values) > 0 for values in series.values()):
             src = f"figures/{name}.png"

@@ -13,7 +13,6 @@ from engine.round_state import committed_rounds, read_round_state
 from engine.run import main
 from engine.world import render_image
 from refinement.lock import StoreLock
-from refinement.student import REPORT_FILE
 from tests.world_shards import exported_world
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -112,7 +111,7 @@ def test_two_refine_rounds_keep_human_labels_and_refuse_a_second_refine(
     assert main([*args, "--config", refusing]) == 0
     assert "student refused: image-blind" in capsys.readouterr().out
     assert committed_rounds(store) == [0, 1, 2]
-    report = store.fs.cat_file(store.path(round_layout(2).model, REPORT_FILE)).decode()
+    report = store.fs.cat_file(store.path(round_layout(2).student_report)).decode()
     assert round_layout(1).model in report  # its init: round 1's model
     second = kept(store, 2)
     assert human_labels(second[human.image_id]) == human_labels(human)

@@ -22,6 +22,7 @@ from engine.records import (
     quarantine_to_table,
     records_to_table,
 )
+from engine.round_state import commit_round, record_step
 from engine.store import Store
 from refinement.evaluation import write_round_quality
 from refinement.metrics import evaluate
@@ -227,6 +228,31 @@ def test_a_scored_round_leads_with_its_quality_table(store, tmp_path):
     }
     page = (report / "index.html").read_text()
     assert page.index("Quality against ground truth (3 images)") < page.index("Annotations")
+
+
+def test_every_round_so_far_is_shown_with_quality_by_round(store, tmp_path):
+    records = [record_a(), record_b(), record_c()]
+    perfect = evaluate(records, records)
+    half = evaluate([replace(r, regions=r.regions[:1]) for r in records], records)
+    write_round_quality(store, 0, {"filtered": half}, truth="truth.json")
+    write_round_quality(store, 1, {"filtered": perfect}, truth="truth.json")
+    for step in ("export", "report"):
+        record_step(store, 0, step, "d")
+    commit_round(store, 0)
+    record_step(store, 1, "train", "d", parent=0)
+    student = {"accepted": False, "reason": "image-blind"}
+    store.write_bytes(round_layout(1).student_report, json.dumps(student).encode())
+
+    run_report(store, CONFIG, 1)
+    report = tmp_path / "store" / "reports" / "r001"
+    table = json.loads((report / "stats.json").read_text())["tables"]["rounds"]
+    by_round = {row["round"]: row for row in table["rows"]}
+    assert by_round["r000"]["status"] == "committed" and by_round["r000"]["student"] == "-"
+    assert by_round["r001"]["parent"] == "r000" and by_round["r001"]["student"] == "refused"
+    assert by_round["r001"]["box R @.5"] == 1.0 > by_round["r000"]["box R @.5"]
+    assert by_round["r000"]["records"] == 4  # the manifest's rows: no round dataset yet
+    assert (report / "figures" / "quality_by_round.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Rounds so far" in (report / "index.html").read_text()
 
 
 def test_empty_store_says_there_is_nothing_yet(tmp_path):

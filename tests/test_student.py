@@ -101,7 +101,7 @@ def test_ray_train_writes_a_loadable_student_and_a_rerun_resumes(world, ray_clus
     text = processor.batch_decode(tokens, skip_special_tokens=False)[0]
     parsed = processor.post_process_generation(text, task="<OD>", image_size=image.size)
     assert set(parsed["<OD>"]) == {"bboxes", "labels"}
-    saved = json.loads(world.fs.cat_file(world.path(layout.model, "student.json")))
+    saved = json.loads(world.fs.cat_file(world.path(layout.student_report)))
     assert saved["steps"] == 4 and saved["accepted"] == report.accepted
 
     # The run is complete: started again, Ray Train resumes from its last checkpoint and

@@ -1,0 +1,93 @@
+"""The report's view across rounds: every round so far side by side, and quality by round.
+
+Read from small files only (round state, commit markers, ``student.json``,
+``quality.json``), so a report of round 30 costs no more than one of round 1.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from engine.layout import round_layout
+from engine.round_state import read_round_state, started_rounds
+from engine.store import Store, records_dataset
+from stages.report_stats import StatTable
+
+# Headline rows of quality.json plotted and tabled per round (the round as kept: the
+# last evaluation point).
+QUALITY_ROWS = ("box AP50", "box P @.5", "box R @.5", "grounding R")
+
+
+def _json(store: Store, path: str) -> dict | None:
+    full = store.path(path)
+    return json.loads(store.fs.cat_file(full)) if store.fs.exists(full) else None
+
+
+def round_quality_values(store: Store, number: int) -> dict[str, float]:
+    """The headline quality of a round as kept, by row label; empty without quality.json."""
+    quality = _json(store, round_layout(number).quality)
+    if quality is None:
+        return {}
+    values = {row[0]: row[-1] for row in quality["rows"]}
+    return {name: float(values[name]) for name in QUALITY_ROWS if values.get(name, "-") != "-"}
+
+
+def rounds_table(store: Store, up_to: int) -> StatTable:
+    """One row per round with a state, up to ``up_to``: state, parent, records, the
+    student's verdict and the headline quality."""
+    rows = []
+    for number in [n for n in started_rounds(store) if n <= up_to]:
+        state = read_round_state(store, number)
+        student = _json(store, round_layout(number).student_report)
+        verdict = "-" if student is None else "accepted" if student["accepted"] else "refused"
+        quality = round_quality_values(store, number)
+        rows.append(
+            (
+                round_layout(number).name,
+                state.status,
+                "-" if state.parent is None else round_layout(state.parent).name,
+                store.committed_rows(records_dataset(store, number)),
+                verdict,
+                *(quality.get(name) for name in QUALITY_ROWS),
+            )
+        )
+    columns = ["round", "status", "parent", "records", "student", *QUALITY_ROWS]
+    return StatTable(
+        "rounds",
+        "Rounds so far",
+        columns,
+        rows,
+        note="records: the round's kept records; student: whether its Florence-2 student "
+        "passed the image check (student.json); quality: against ground truth where a "
+        "round was scored (quality.json), the round as kept",
+    )
+
+
+def quality_by_round_png(store: Store, up_to: int) -> bytes | None:
+    """Quality against round, one line per headline metric; None with fewer than two
+    scored rounds."""
+    scored = {
+        n: values
+        for n in started_rounds(store)
+        if n <= up_to and (values := round_quality_values(store, n))
+    }
+    if len(scored) < 2:
+        return None
+    figure = Figure(figsize=(5.5, 3.4), dpi=100, layout="tight")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    for name in QUALITY_ROWS:
+        points = [(n, v[name]) for n, v in scored.items() if name in v]
+        if points:
+            axes.plot(*zip(*points, strict=True), marker="o", label=name)
+    axes.set_title("Quality against ground truth by round")
+    axes.set_xlabel("round")
+    axes.set_xticks(sorted(scored))
+    axes.legend(fontsize=8)
+    out = io.BytesIO()
+    figure.savefig(out, format="png")
+    return out.getvalue()
