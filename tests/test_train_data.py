@@ -38,6 +38,7 @@ from engine.train.data import (
     read_llava,
 )
 from engine.train.instructions import (
+    BRIEF_CAPTION_PROMPTS,
     CAPTION_PROMPTS,
     COUNTING_PROMPTS,
     GROUNDING_PROMPTS,
@@ -119,6 +120,27 @@ def asked(question: str, prompts: tuple[str, ...], **fields: str) -> bool:
 
 
 @pytest.mark.parametrize(
+    ("kinds", "choice", "expected"),
+    [
+        (("detailed", "more_detailed"), "first", {"d"}),
+        (("brief",), "first", {"b"}),
+        (("more_detailed", "detailed", "brief"), "random", {"b", "d", "m"}),
+        (("detailed",), "random", {"d"}),
+    ],
+)
+def test_stage1_caption_kinds_are_a_config_choice(kinds, choice, expected):
+    captions = {"brief": "b", "detailed": "d", "more_detailed": "m"}
+    record = record_from_sample({**bare_record(), "captions": captions})
+    answers = {
+        pairs(caption_conversation(record, b"jpg", random.Random(seed), kinds, choice))[0][1]
+        for seed in range(30)
+    }
+    assert answers == expected
+    with pytest.raises(ValueError, match="unknown caption kinds"):
+        caption_conversation(record, b"jpg", random.Random(0), ("long",))
+
+
+@pytest.mark.parametrize(
     ("captions", "expected"),
     [
         ({"brief": "b", "detailed": "d", "more_detailed": "m"}, "m"),
@@ -134,7 +156,9 @@ def test_stage1_takes_the_most_detailed_caption(captions, expected):
         assert conversation is None
         return
     ((question, answer),) = pairs(conversation)
-    assert answer == expected and question in CAPTION_PROMPTS
+    # A brief caption is asked for briefly: the prompt must not promise detail it lacks.
+    assert answer == expected
+    assert question in (BRIEF_CAPTION_PROMPTS if expected == "b" else CAPTION_PROMPTS)
     assert (conversation.image, conversation.image_id, conversation.task) == (
         b"jpg",
         "bare",

@@ -92,6 +92,16 @@ class TrainDataConfig(_Section):
     instruction_tasks: tuple[
         Literal["region", "grounding", "ocr", "counting", "referring"], ...
     ] = ("region", "grounding", "ocr", "counting", "referring")
+    # Stage 1's caption of each record: the first of these kinds the record has (the
+    # default: the most detailed, Florence-VL's pre-training data), or with
+    # stage1_caption_choice "random" one of those it has, drawn per record and epoch.
+    # Brief captions suit a model with few visual tokens: their uncertain words (what,
+    # how many, the background) are whole-image properties, so the image decides a far
+    # larger share of the loss than in a long caption of mostly template text.
+    stage1_captions: tuple[Literal["more_detailed", "detailed", "brief"], ...] = Field(
+        default=("more_detailed", "detailed", "brief"), min_length=1
+    )
+    stage1_caption_choice: Literal["first", "random"] = "first"
     # Token budget of one sample, visual tokens included; longer samples are cut at the end.
     max_length: int = Field(default=2048, ge=16)
     # Samples kept in memory for shuffling; 0 reads in shard order.

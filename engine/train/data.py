@@ -200,7 +200,9 @@ def _drafts(
             # Seeded by the record, not by its position: prompts do not depend on the order.
             rng = _rng(seed, epoch, record.image_id)
             if stage == "stage1":
-                made = caption_conversation(record, image, rng)
+                made = caption_conversation(
+                    record, image, rng, data.stage1_captions, data.stage1_caption_choice
+                )
                 conversations = [made] if made else []
             else:
                 conversations = instruction_conversations(

@@ -17,7 +17,8 @@ Several boxes are joined by ``", "``.
 
 Answer formats (the question is drawn from a short fixed list per task, e.g.):
 - ``caption``: "Describe the image in detail." -> the record's most detailed caption
-  (more_detailed, else detailed, else brief).
+  (more_detailed, else detailed, else brief), or the kinds ``data.stage1_captions`` asks
+  for; a brief caption is asked for briefly ("Describe the image briefly.").
 - ``region`` (box -> text): "What is in the region [12, 40, 300, 512]?" -> the object
   region's text, e.g. ``"a brown dog"``.
 - ``grounding`` (phrase -> boxes): 'Where is "a brown dog" in the image?' -> every box the
@@ -65,6 +66,13 @@ CAPTION_PROMPTS = (
     "Give a detailed description of this image.",
     "What do you see in this picture? Describe it thoroughly.",
     "Write a detailed caption for the image.",
+)
+# The caption kinds of a record (engine.records), most detailed first.
+CAPTION_KINDS = ("more_detailed", "detailed", "brief")
+BRIEF_CAPTION_PROMPTS = (
+    "Describe the image briefly.",
+    "Write a short caption for the image.",
+    "What does this image show, in one sentence?",
 )
 REGION_PROMPTS = (
     "What is in the region {box}?",
@@ -114,18 +122,29 @@ class Conversation:
 
 
 def caption_conversation(
-    record: ImageRecord, image: bytes, rng: random.Random
+    record: ImageRecord,
+    image: bytes,
+    rng: random.Random,
+    kinds: Sequence[str] = CAPTION_KINDS,
+    choice: Literal["first", "random"] = "first",
 ) -> Conversation | None:
-    """Stage 1: one question for a detailed description and the record's most detailed caption.
+    """Stage 1: a question asking for a description and one of the record's captions.
 
-    Returns None when the record has no non-blank caption.
+    ``kinds``: caption kinds in order of preference; ``choice`` "first" takes the first
+    kind with a non-blank caption, "random" one of those with a caption, drawn with
+    ``rng``. A brief caption is asked for with a brief prompt, the others with a detailed
+    one. Returns None when none of ``kinds`` has a non-blank caption.
     """
-    for kind in ("more_detailed", "detailed", "brief"):
-        text = (record.caption_text(kind) or "").strip()
-        if text:
-            turns = (Turn("user", rng.choice(CAPTION_PROMPTS)), Turn("assistant", text))
-            return Conversation(image, turns, record.image_id, "caption")
-    return None
+    unknown = set(kinds) - set(CAPTION_KINDS)
+    if unknown:
+        raise ValueError(f"unknown caption kinds {sorted(unknown)}; known: {CAPTION_KINDS}")
+    present = [(k, t) for k in kinds if (t := (record.caption_text(k) or "").strip())]
+    if not present:
+        return None
+    kind, text = present[0] if choice == "first" else rng.choice(present)
+    prompts = BRIEF_CAPTION_PROMPTS if kind == "brief" else CAPTION_PROMPTS
+    turns = (Turn("user", rng.choice(prompts)), Turn("assistant", text))
+    return Conversation(image, turns, record.image_id, "caption")
 
 
 def instruction_conversations(
