@@ -11,6 +11,7 @@
     rounds/rNNN/dropped/           dropped records and annotations, with the reason
     rounds/rNNN/model/             the Florence-2 student trained for this round
     rounds/rNNN/model/student.json what its training and image check found
+    rounds/rNNN/churn.json         annotations added, changed, retired against the parent
     rounds/rNNN/quality.json       the round scored against ground truth, when there is one
     shards/rNNN/                   WebDataset export (+ _index.json, coco.json)
     reports/rNNN/                  statistics and gallery (index.html, stats.json)
@@ -97,6 +98,10 @@ class RoundLayout:
     @property
     def student_report(self) -> str:
         return f"{self.model}/{STUDENT_REPORT}"
+
+    @property
+    def churn(self) -> str:
+        return f"{self.root}/churn.json"
 
     @property
     def quality(self) -> str:

@@ -13,8 +13,10 @@ skipped when a rerun finds it recorded, so a killed round started again carries 
    for new units, student and specialists onto the manifest, as in round 0. Human labels
    are never replaced and every annotation keeps its lineage (``source`` names the
    student's model and revision, ``round`` the round that made it).
-4. **filter**, **export**, **report**: the stages as in round 0.
-5. The round is committed: readers, ``--round`` defaults and the next refine see it.
+4. **filter**, **export**: the stages as in round 0.
+5. **churn**: annotations added, changed and retired against round N
+   (refinement/churn.py), in ``rounds/r(N+1)/churn.json``; then **report**.
+6. The round is committed: readers, ``--round`` defaults and the next refine see it.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from engine.round_state import (
 )
 from engine.store import Store, records_dataset
 from engine.summary import StageSummary
+from refinement.churn import write_churn
 from refinement.lock import LockHeld, StoreLock
 from refinement.student import StudentReport, train_student
 
@@ -153,6 +156,7 @@ def _refine(
     step("merge", merge)
     step("filter", lambda: run_filter(store, config, round_number))
     step("export", lambda: run_export(store, config, round_number))
+    step("churn", lambda: _churn(store, parent, round_number))
     step("report", lambda: run_report(store, config, round_number))
     commit_round(store, round_number)
     summary.inputs = len(known) + len(fresh)
@@ -168,6 +172,18 @@ def _trained(store: Store, config: EngineConfig, round_number: int) -> StageSumm
     done = StageSummary("refine: train", seconds=time.perf_counter() - started)
     done.inputs = report.steps * config.refine.student.batch_size
     done.location = store.path(round_layout(round_number).model)
+    return done
+
+
+def _churn(store: Store, parent: int, round_number: int) -> StageSummary:
+    started = time.perf_counter()
+    churn = write_churn(store, parent, round_number)
+    done = StageSummary("refine: churn", inputs=churn.old_total, outputs=churn.new_total)
+    for name, share in churn.shares().items():
+        if share is not None:
+            done.notes[f"{name}: {share:.1%} of the annotations"] += getattr(churn, name)
+    done.seconds = time.perf_counter() - started
+    done.location = store.path(round_layout(round_number).churn)
     return done
 
 

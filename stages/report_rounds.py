@@ -20,6 +20,8 @@ from stages.report_stats import StatTable
 # Headline rows of quality.json plotted and tabled per round (the round as kept: the
 # last evaluation point).
 QUALITY_ROWS = ("box AP50", "box P @.5", "box R @.5", "grounding R")
+# Shares of annotations against the parent round (churn.json, refinement/churn.py).
+CHURN = ("added", "changed", "retired")
 
 
 def _json(store: Store, path: str) -> dict | None:
@@ -45,6 +47,7 @@ def rounds_table(store: Store, up_to: int) -> StatTable:
         student = _json(store, round_layout(number).student_report)
         verdict = "-" if student is None else "accepted" if student["accepted"] else "refused"
         quality = round_quality_values(store, number)
+        churn = _json(store, round_layout(number).churn) or {}
         rows.append(
             (
                 round_layout(number).name,
@@ -52,18 +55,20 @@ def rounds_table(store: Store, up_to: int) -> StatTable:
                 "-" if state.parent is None else round_layout(state.parent).name,
                 store.committed_rows(records_dataset(store, number)),
                 verdict,
+                *(churn.get(name) for name in CHURN),
                 *(quality.get(name) for name in QUALITY_ROWS),
             )
         )
-    columns = ["round", "status", "parent", "records", "student", *QUALITY_ROWS]
+    columns = ["round", "status", "parent", "records", "student", *CHURN, *QUALITY_ROWS]
     return StatTable(
         "rounds",
         "Rounds so far",
         columns,
         rows,
         note="records: the round's kept records; student: whether its Florence-2 student "
-        "passed the image check (student.json); quality: against ground truth where a "
-        "round was scored (quality.json), the round as kept",
+        "passed the image check (student.json); added, changed, retired: shares of "
+        "annotations against the parent round (churn.json); quality: against ground "
+        "truth where a round was scored (quality.json), the round as kept",
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,8 @@ def test_two_refine_rounds_keep_human_labels_and_refuse_a_second_refine(
     assert annotated == {"student_od", "shapes", "captions"}
     assert store.committed_units(layout.annotate("shapes")) == ["u900"]
     assert len(store.committed_units(layout.annotate("student_od"))) == 3
+    churn = json.loads(store.fs.cat_file(store.path(layout.churn)))
+    assert churn["against"] == 0 and churn["kept"] + churn["added"] > 0
     first = kept(store, 1)
     assert human_labels(first[human.image_id]) == human_labels(human)
 

@@ -242,6 +242,8 @@ def test_every_round_so_far_is_shown_with_quality_by_round(store, tmp_path):
     record_step(store, 1, "train", "d", parent=0)
     student = {"accepted": False, "reason": "image-blind"}
     store.write_bytes(round_layout(1).student_report, json.dumps(student).encode())
+    churn = {"against": 0, "added": 0.25, "changed": 0.0, "retired": 0.5}
+    store.write_bytes(round_layout(1).churn, json.dumps(churn).encode())
 
     run_report(store, CONFIG, 1)
     report = tmp_path / "store" / "reports" / "r001"
@@ -249,6 +251,8 @@ def test_every_round_so_far_is_shown_with_quality_by_round(store, tmp_path):
     by_round = {row["round"]: row for row in table["rows"]}
     assert by_round["r000"]["status"] == "committed" and by_round["r000"]["student"] == "-"
     assert by_round["r001"]["parent"] == "r000" and by_round["r001"]["student"] == "refused"
+    assert (by_round["r001"]["added"], by_round["r001"]["retired"]) == (0.25, 0.5)
+    assert by_round["r000"]["added"] is None
     assert by_round["r001"]["box R @.5"] == 1.0 > by_round["r000"]["box R @.5"]
     assert by_round["r000"]["records"] == 4  # the manifest's rows: no round dataset yet
     assert (report / "figures" / "quality_by_round.png").read_bytes()[:4] == b"\x89PNG"
