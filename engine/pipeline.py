@@ -162,7 +162,14 @@ def _plan_refine(request: Request) -> Work:
         parent_round(store, number)
     except StageError as exc:
         raise PlanError(str(exc)) from exc
-    return lambda: run_refine(store, request.config, number)
+
+    def round_step(name: str) -> StageSummary:
+        # Planned as if asked for alone: filter runs on the student's output even when
+        # no specialist is configured.
+        alone = Request(request.config, store, number)
+        return STEPS[name].plan(alone)()
+
+    return lambda: run_refine(store, request.config, number, round_step)
 
 
 def _plan_status(request: Request) -> Work:

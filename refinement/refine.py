@@ -83,13 +83,18 @@ def run_refine(
     store: Store,
     config: EngineConfig,
     round_number: int,
+    round_steps: Callable[[str], StageSummary],
     echo: Callable[[str], None] | None = print,
 ) -> StageSummary:
-    """Make round ``round_number`` from the round before it; see the module docstring."""
+    """Make round ``round_number`` from the round before it; see the module docstring.
+
+    ``round_steps(name)`` runs the pipeline's own step ``name`` (filter, export, report)
+    for this round, so a refine round runs the very steps round 0 runs.
+    """
     parent = parent_round(store, round_number)
     try:
         with StoreLock(store, REFINE_LOCK, ttl_s=config.refine.lock_ttl_s) as lock:
-            return _refine(store, config, round_number, parent, lock, echo)
+            return _refine(store, config, round_number, parent, lock, round_steps, echo)
     except LockHeld as exc:
         raise StageError(f"refine: {exc}") from exc
 
@@ -100,13 +105,11 @@ def _refine(
     round_number: int,
     parent: int,
     lock: StoreLock,
+    round_steps: Callable[[str], StageSummary],
     echo: Callable[[str], None] | None,
 ) -> StageSummary:
     from stages.annotate import run_annotate
-    from stages.export import run_export
-    from stages.filter import run_filter
     from stages.merge import run_merge
-    from stages.report import run_report
 
     started = time.perf_counter()
     layout = round_layout(round_number)
@@ -154,10 +157,10 @@ def _refine(
 
     step("annotate", annotate)
     step("merge", merge)
-    step("filter", lambda: run_filter(store, config, round_number))
-    step("export", lambda: run_export(store, config, round_number))
+    step("filter", lambda: round_steps("filter"))
+    step("export", lambda: round_steps("export"))
     step("churn", lambda: _churn(store, parent, round_number))
-    step("report", lambda: run_report(store, config, round_number))
+    step("report", lambda: round_steps("report"))
     commit_round(store, round_number)
     summary.inputs = len(known) + len(fresh)
     summary.outputs = len(store.committed_units(layout.filtered))
