@@ -159,7 +159,7 @@ def _plan_refine(request: Request) -> Work:
 
     store, number = _store(request), _round(request)
     try:
-        parent_round(store, number)
+        parent_round(store, request.config, number)
     except StageError as exc:
         raise PlanError(str(exc)) from exc
 

@@ -41,7 +41,7 @@ from engine.store import Store, records_dataset
 from engine.summary import StageSummary
 from refinement.churn import write_churn
 from refinement.lock import LockHeld, StoreLock
-from refinement.student import StudentReport, train_student
+from refinement.student import StudentReport, init_source, train_student
 
 
 def student_annotators(config: EngineConfig, model_url: str) -> list[SpecialistConfig]:
@@ -66,8 +66,9 @@ def new_units(store: Store, parent: int) -> set[str]:
     return set(store.committed_units(MANIFEST)) - known
 
 
-def parent_round(store: Store, round_number: int) -> int:
-    """The committed round that ``round_number`` refines; refuses anything but the next."""
+def parent_round(store: Store, config: EngineConfig, round_number: int) -> int:
+    """The committed round that ``round_number`` refines, checked before any work: only
+    the round after the latest committed one, and a student with something to start from."""
     committed = committed_rounds(store)
     if not committed:
         raise StageError("refine needs a committed round to start from: run --stage all first")
@@ -75,6 +76,12 @@ def parent_round(store: Store, round_number: int) -> int:
         raise StageError(
             f"refine makes the round after the latest committed one "
             f"(r{committed[-1]:03d}), so round {committed[-1] + 1}, not {round_number}"
+        )
+    student = config.refine.student
+    if init_source(store, round_number, student) == "tiny" and student.tiny is None:
+        raise StageError(
+            "refine.student needs a checkpoint (a Florence-2 release) or a tiny model: "
+            "no earlier round has a model to start from"
         )
     return committed[-1]
 
@@ -91,7 +98,7 @@ def run_refine(
     ``round_steps(name)`` runs the pipeline's own step ``name`` (filter, export, report)
     for this round, so a refine round runs the very steps round 0 runs.
     """
-    parent = parent_round(store, round_number)
+    parent = parent_round(store, config, round_number)
     try:
         with StoreLock(store, REFINE_LOCK, ttl_s=config.refine.lock_ttl_s) as lock:
             return _refine(store, config, round_number, parent, lock, round_steps, echo)

@@ -310,8 +310,6 @@ def train_student(store: Store, config: EngineConfig, round_number: int) -> Stud
         raise ValueError(f"round {parents[-1]} has no export to train the student on")
     shards = json.loads(store.fs.cat_file(index))["shards"]
     source = init_source(store, round_number, student)
-    if source == "tiny" and student.tiny is None:
-        raise ValueError("refine.student needs a checkpoint or a tiny model for round 1")
     trainer = TorchTrainer(
         _worker,
         train_loop_config={

@@ -121,3 +121,17 @@ def test_two_refine_rounds_keep_human_labels_and_refuse_a_second_refine(
     assert second.keys() == first.keys()
     # Round 2 is committed: a refine for it again is refused before any work.
     assert main([*args, "--config", refusing, "--round", "2"]) == 2
+    assert "round 3, not 2" in capsys.readouterr().err
+
+
+def test_refine_is_refused_before_any_work(tmp_path, capsys):
+    store = exported_world(tmp_path / "w", images=4, seed=5)
+    args = ["--stage", "refine", "--store", store.url]
+    # No student to start from: no earlier model, no checkpoint, no tiny model.
+    assert main([*args, "--config", "engine/configs/test.yaml"]) == 2
+    assert "refine.student needs a checkpoint" in capsys.readouterr().err
+    empty = str(tmp_path / "empty")
+    assert (
+        main(["--stage", "refine", "--store", empty, "--config", refine_config(tmp_path, 0)]) == 2
+    )
+    assert "run --stage all first" in capsys.readouterr().err
