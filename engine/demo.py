@@ -31,7 +31,7 @@ from engine.layout import round_layout
 from engine.pipeline import ROUND, STEPS, Request, execute, plan
 from engine.store import Store
 from engine.world import generate_world
-from refinement.evaluation import evaluate_step, quality_table, read_round_quality
+from refinement.evaluation import evaluate_step, quality_table
 
 # name -> (caption, [(category, [x0, y0, x1, y1])]) in the photo's own pixels.
 LABELLED = {
@@ -143,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     except StageError as exc:
         print(f"engine.demo: error: {exc}", file=sys.stderr)
         return 1
-    quality = read_round_quality(store, 0)
     layout = round_layout(0)
+    quality = store.read_json(layout.quality)
     print(f"\nquality against the world's truth ({args.world_images} images):")
     print(quality_table(quality))
     print(f"\nshards: {store.path(layout.shards)}")

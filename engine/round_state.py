@@ -55,10 +55,8 @@ def config_digest(config: BaseModel) -> str:
 
 def read_round_state(store: Store, number: int) -> RoundState | None:
     """The round's state, or None when no run has started it."""
-    path = store.path(round_layout(number).state)
-    if not store.fs.exists(path):
-        return None
-    return RoundState(**json.loads(store.fs.cat_file(path)))
+    state = store.read_json(round_layout(number).state)
+    return None if state is None else RoundState(**state)
 
 
 def write_round_state(store: Store, state: RoundState) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import posixpath
 from collections.abc import Iterable
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -135,6 +136,12 @@ class Store:
         self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
         with self.fs.open(path, "wb") as f:
             f.write(data)
+
+    def read_json(self, relpath: str) -> Any:
+        """A small JSON file of the store (a state, an index, a score sheet), or None when
+        there is none."""
+        path = self.path(relpath)
+        return json.loads(self.fs.cat_file(path)) if self.fs.exists(path) else None
 
     def exists(self, relpath: str) -> bool:
         return self.fs.exists(self.path(relpath))

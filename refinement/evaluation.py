@@ -109,12 +109,6 @@ def write_round_quality(
     return path
 
 
-def read_round_quality(store: Store, round_number: int) -> dict | None:
-    """What ``write_round_quality`` stored for the round, or None."""
-    path = store.path(round_layout(round_number).quality)
-    return json.loads(store.fs.cat_file(path)) if store.fs.exists(path) else None
-
-
 def evaluate_step(truth: Path) -> Step:
     """A step that scores its round against a generated world's truth (``truth.json``)
     and stores ``quality.json``; put it before ``report`` and the report leads with it."""

@@ -21,7 +21,6 @@ skipped when a rerun finds it recorded, so a killed round started again carries 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 
@@ -199,4 +198,4 @@ def _churn(store: Store, parent: int, round_number: int) -> StageSummary:
 
 def _student_report(store: Store, round_number: int) -> StudentReport:
     path = store.path(round_layout(round_number).student_report)
-    return StudentReport(**json.loads(store.fs.cat_file(path)))
+    return StudentReport(**store.read_json(path))

@@ -9,7 +9,6 @@ No Ray, no model, no image is touched: it answers in the time a few small reads 
 
 from __future__ import annotations
 
-import json
 import time
 
 from engine.layout import MANIFEST, REFINE_LOCK, round_layout
@@ -17,27 +16,23 @@ from engine.round_state import read_round_state, started_rounds
 from engine.store import Store, records_dataset
 from engine.summary import StageSummary
 from refinement.lock import read_leases
+from stages.report_rounds import QUALITY_ROWS as REPORT_QUALITY_ROWS
+from stages.report_rounds import round_quality_values
 
-# The quality rows shown, by their label in quality.json, and the column read.
-QUALITY_ROWS = ("box AP50", "box P @.5", "box R @.5", "grounding R", "OCR word acc")
+# The quality rows shown, by their label in quality.json (the round as kept).
+QUALITY_ROWS = (*REPORT_QUALITY_ROWS, "OCR word acc")
 
 
 def _exported(store: Store, number: int) -> str:
-    path = store.path(round_layout(number).shard_index)
-    if not store.fs.exists(path):
+    index = store.read_json(round_layout(number).shard_index)
+    if index is None:
         return "-"
-    index = json.loads(store.fs.cat_file(path))
     return f"{index.get('samples', '?')} in {len(index['shards'])} shards"
 
 
 def _quality(store: Store, number: int) -> str:
-    path = store.path(round_layout(number).quality)
-    if not store.fs.exists(path):
-        return "-"
-    quality = json.loads(store.fs.cat_file(path))
-    column = len(quality["columns"]) - 1  # the last evaluation point: the round as kept
-    values = {row[0]: row[column] for row in quality["rows"]}
-    return ", ".join(f"{name} {values[name]}" for name in QUALITY_ROWS if name in values)
+    values = round_quality_values(store, number, QUALITY_ROWS)
+    return ", ".join(f"{name} {value:.3f}" for name, value in values.items()) or "-"
 
 
 def store_status(store: Store) -> list[str]:

@@ -305,10 +305,10 @@ def train_student(store: Store, config: EngineConfig, round_number: int) -> Stud
     parents = [n for n in committed_rounds(store) if n < round_number]
     if not parents:
         raise ValueError(f"round {round_number} has no committed round before it to learn from")
-    index = store.path(round_layout(parents[-1]).shard_index)
-    if not store.fs.exists(index):
+    index = store.read_json(round_layout(parents[-1]).shard_index)
+    if index is None:
         raise ValueError(f"round {parents[-1]} has no export to train the student on")
-    shards = json.loads(store.fs.cat_file(index))["shards"]
+    shards = index["shards"]
     source = init_source(store, round_number, student)
     trainer = TorchTrainer(
         _worker,

@@ -40,9 +40,9 @@ def quality_table(store: Store, round_number: int) -> report_stats.StatTable | N
     """The round's scores against ground truth, when an evaluation stored them
     (``refinement.evaluation.write_round_quality``)."""
     path = round_layout(round_number).quality
-    if not store.exists(path):
+    quality = store.read_json(path)
+    if quality is None:
         return None
-    quality = json.loads(store.fs.cat_file(store.path(path)))
     return report_stats.StatTable(
         "quality",
         f"Quality against ground truth ({quality['images']} images)",

@@ -7,10 +7,6 @@ Read from small files only (round state, commit markers, ``student.json``,
 from __future__ import annotations
 
 import io
-import json
-
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from engine.layout import round_layout
 from engine.round_state import read_round_state, started_rounds
@@ -24,18 +20,16 @@ QUALITY_ROWS = ("box AP50", "box P @.5", "box R @.5", "grounding R")
 CHURN = ("added", "changed", "retired")
 
 
-def _json(store: Store, path: str) -> dict | None:
-    full = store.path(path)
-    return json.loads(store.fs.cat_file(full)) if store.fs.exists(full) else None
-
-
-def round_quality_values(store: Store, number: int) -> dict[str, float]:
-    """The headline quality of a round as kept, by row label; empty without quality.json."""
-    quality = _json(store, round_layout(number).quality)
+def round_quality_values(
+    store: Store, number: int, rows: tuple[str, ...] = QUALITY_ROWS
+) -> dict[str, float]:
+    """The headline ``rows`` of a round as kept (quality.json's last evaluation point), by
+    row label; empty without quality.json, and a row without a value is left out."""
+    quality = store.read_json(round_layout(number).quality)
     if quality is None:
         return {}
     values = {row[0]: row[-1] for row in quality["rows"]}
-    return {name: float(values[name]) for name in QUALITY_ROWS if values.get(name, "-") != "-"}
+    return {name: float(values[name]) for name in rows if values.get(name, "-") != "-"}
 
 
 def rounds_table(store: Store, up_to: int) -> StatTable:
@@ -44,10 +38,10 @@ def rounds_table(store: Store, up_to: int) -> StatTable:
     rows = []
     for number in [n for n in started_rounds(store) if n <= up_to]:
         state = read_round_state(store, number)
-        student = _json(store, round_layout(number).student_report)
+        student = store.read_json(round_layout(number).student_report)
         verdict = "-" if student is None else "accepted" if student["accepted"] else "refused"
         quality = round_quality_values(store, number)
-        churn = _json(store, round_layout(number).churn) or {}
+        churn = store.read_json(round_layout(number).churn) or {}
         rows.append(
             (
                 round_layout(number).name,
@@ -82,6 +76,10 @@ def quality_by_round_png(store: Store, up_to: int) -> bytes | None:
     }
     if len(scored) < 2:
         return None
+    # Imported here: status reads quality through this module and draws nothing.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(5.5, 3.4), dpi=100, layout="tight")
     FigureCanvasAgg(figure)
     axes = figure.subplots()
