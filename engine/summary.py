@@ -31,12 +31,16 @@ class StageSummary:
     location: str = ""
 
     def add(self, other: StageSummary) -> None:
-        """Fold the summary of one unit into this one."""
+        """Fold another summary into this one: a unit's, or another pass of the stage (a
+        refine round annotates and merges in two passes, old images and new)."""
         self.inputs += other.inputs
         self.outputs += other.outputs
         self.quarantined.update(other.quarantined)
         self.dropped.update(other.dropped)
         self.notes.update(other.notes)
+        self.units_run += other.units_run
+        self.units_skipped += other.units_skipped
+        self.seconds += other.seconds
 
     def format(self) -> str:
         rate = self.inputs / self.seconds if self.seconds > 0 else 0.0
