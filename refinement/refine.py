@@ -58,11 +58,12 @@ def student_annotators(config: EngineConfig, model_url: str) -> list[SpecialistC
     ]
 
 
-def new_units(store: Store, parent: int) -> set[str]:
-    """Manifest units that round ``parent`` did not export: ingested since it was made.
-    (A committed round has exported every unit it had, so its export is the record.)"""
-    known = set(store.committed_units(round_layout(parent).shards))
-    return set(store.committed_units(MANIFEST)) - known
+def split_units(store: Store, parent: int) -> tuple[set[str], set[str]]:
+    """The manifest's units as (known to round ``parent``, ingested since it was made).
+    A committed round has exported every unit it had, so its export is the record."""
+    manifest = set(store.committed_units(MANIFEST))
+    known = manifest & set(store.committed_units(round_layout(parent).shards))
+    return known, manifest - known
 
 
 def parent_round(store: Store, config: EngineConfig, round_number: int) -> int:
@@ -125,8 +126,7 @@ def _refine(
     state = read_round_state(store, round_number) or RoundState(round_number, parent=parent)
     write_round_state(store, state)
     digest = config_digest(config)
-    fresh = new_units(store, parent)
-    known = set(store.committed_units(MANIFEST)) - fresh
+    known, fresh = split_units(store, parent)
     base = records_dataset(store, parent)
 
     def step(name: str, work: Callable[[], StageSummary]) -> None:
@@ -197,5 +197,4 @@ def _churn(store: Store, parent: int, round_number: int) -> StageSummary:
 
 
 def _student_report(store: Store, round_number: int) -> StudentReport:
-    path = store.path(round_layout(round_number).student_report)
-    return StudentReport(**store.read_json(path))
+    return StudentReport(**store.read_json(round_layout(round_number).student_report))
