@@ -241,8 +241,23 @@ class StudentConfig(_Section):
         return self
 
 
+class RefinePolicyConfig(_Section):
+    """Which of the student's task families a round merges (refinement/policy.py)."""
+
+    # Human-labelled images (by a hash of the id) the student never trains on: the
+    # policy measures the student against round N on them.
+    validation_fraction: float = Field(default=0.5, gt=0, le=1)
+    # A family with fewer validation images that have its truth is refused: no evidence.
+    min_images: int = Field(default=20, ge=1)
+    # Accepted only when the student raises the family's figure by at least this much.
+    min_gain: float = Field(default=0.01, gt=0)
+    # A student region scoring under this is not added (only confident ones are).
+    min_score: float = Field(default=0.3, ge=0, le=1)
+
+
 class RefineConfig(_Section):
     student: StudentConfig = StudentConfig()
+    policy: RefinePolicyConfig = RefinePolicyConfig()
     # What an accepted student annotates, each task as a florence2 specialist; the
     # annotator entry gives their resources and batching (model and task are the round's).
     annotate_tasks: list[str] = ["<OD>", "<MORE_DETAILED_CAPTION>"]

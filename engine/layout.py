@@ -11,6 +11,8 @@
     rounds/rNNN/dropped/           dropped records and annotations, with the reason
     rounds/rNNN/model/             the Florence-2 student trained for this round
     rounds/rNNN/model/student.json what its training and image check found
+    rounds/rNNN/policy.json        which student task families the round merged, and why
+    rounds/rNNN/validation/        the machine view of the held-out human-labelled images
     rounds/rNNN/churn.json         annotations added, changed, retired against the parent
     rounds/rNNN/quality.json       the round scored against ground truth, when there is one
     shards/rNNN/                   WebDataset export (+ _index.json, coco.json)
@@ -98,6 +100,14 @@ class RoundLayout:
     @property
     def student_report(self) -> str:
         return f"{self.model}/{STUDENT_REPORT}"
+
+    @property
+    def policy(self) -> str:
+        return f"{self.root}/policy.json"
+
+    @property
+    def validation(self) -> str:
+        return f"{self.root}/validation"
 
     @property
     def churn(self) -> str:

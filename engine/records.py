@@ -18,6 +18,8 @@ import pyarrow as pa
 
 CAPTION_KINDS: tuple[str, ...] = ("brief", "detailed", "more_detailed")
 REGION_KINDS: tuple[str, ...] = ("object", "ocr", "proposal")
+# The ``source`` of every label an image came with (``human:coco``, ...).
+HUMAN_PREFIX = "human:"
 
 Box = tuple[float, float, float, float]
 
@@ -106,6 +108,12 @@ class ImageRecord:
     def caption_text(self, kind: str) -> str | None:
         caption = self.captions.get(kind)
         return caption.text if caption else None
+
+    def has_human_labels(self) -> bool:
+        return any(
+            a.source.startswith(HUMAN_PREFIX)
+            for a in (*self.captions.values(), *self.regions, *self.phrases)
+        )
 
 
 @dataclass(slots=True)

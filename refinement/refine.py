@@ -9,14 +9,18 @@ skipped when a rerun finds it recorded, so a killed round started again carries 
 2. **annotate**: the accepted student over every manifest unit, one florence2 specialist
    per ``refine.annotate_tasks``; the configured specialists only over the units
    ingested since round N (old images keep the specialist labels they have).
-3. **merge**: for units round N had, the student's output onto round N's kept records;
-   for new units, student and specialists onto the manifest, as in round 0. Human labels
-   are never replaced and every annotation keeps its lineage (``source`` names the
-   student's model and revision, ``round`` the round that made it).
-4. **filter**, **export**: the stages as in round 0.
-5. **churn**: annotations added, changed and retired against round N
+3. **judge**: per task family, the student's output is taken only where it is measured
+   better than round N's annotations on held-out human-labelled images it never trained
+   on (refinement/policy.py); the decision and its figures go to ``policy.json``.
+4. **merge**: for units round N had, the accepted families' output onto round N's kept
+   records; for new units, specialists and accepted student output onto the manifest
+   (``policy.StudentMerge``). Human labels are never replaced and every annotation
+   keeps its lineage (``source`` names the student's model and revision, ``round`` the
+   round that made it).
+5. **filter**, **export**: the stages as in round 0.
+6. **churn**: annotations added, changed and retired against round N
    (refinement/churn.py), in ``rounds/r(N+1)/churn.json``; then **report**.
-6. The round is committed: readers, ``--round`` defaults and the next refine see it.
+7. The round is committed: readers, ``--round`` defaults and the next refine see it.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from engine.store import Store, records_dataset
 from engine.summary import StageSummary
 from refinement.churn import write_churn
 from refinement.lock import LockHeld, StoreLock
+from refinement.policy import judge_student, read_policy, student_merge
 from refinement.student import StudentReport, init_source, train_student
 
 
@@ -154,14 +159,30 @@ def _refine(
             done.add(run_annotate(store, config, round_number, specialists, fresh))
         return done
 
+    def judge() -> StageSummary:
+        started = time.perf_counter()
+        decision = judge_student(store, config, round_number, parent, known, students)
+        done = StageSummary("refine: judge", inputs=decision.validation_images)
+        done.outputs = len(decision.accepted(students))
+        for family, verdict in decision.families.items():
+            taken = "accepted" if verdict.accepted else "refused"
+            done.notes[f"{family} {taken}: {verdict.reason}"] += 1
+        done.seconds = time.perf_counter() - started
+        done.location = store.path(layout.policy)
+        return done
+
     def merge() -> StageSummary:
-        done = run_merge(store, config, round_number, base, None, students, known)
+        decision = read_policy(store, round_number)
+        accepted = decision.accepted(students) if decision is not None else []
+        rule = student_merge(config, accepted)
+        done = run_merge(store, config, round_number, base, rule, accepted, known)
         if fresh:
-            everyone = [*students, *specialists]
-            done.add(run_merge(store, config, round_number, MANIFEST, None, everyone, fresh))
+            everyone = [*accepted, *specialists]
+            done.add(run_merge(store, config, round_number, MANIFEST, rule, everyone, fresh))
         return done
 
     step("annotate", annotate)
+    step("judge", judge)
     step("merge", merge)
     step("filter", lambda: round_steps("filter"))
     step("export", lambda: round_steps("export"))

@@ -17,7 +17,7 @@ from engine.store import Store, records_dataset
 from engine.summary import StageSummary
 from refinement.lock import read_leases
 from stages.report_rounds import QUALITY_ROWS as REPORT_QUALITY_ROWS
-from stages.report_rounds import round_quality_values
+from stages.report_rounds import accepted_families, round_quality_values
 
 # The quality rows shown, by their label in quality.json (the round as kept).
 QUALITY_ROWS = (*REPORT_QUALITY_ROWS, "OCR word acc")
@@ -49,6 +49,9 @@ def store_status(store: Store) -> list[str]:
             f"      export: {_exported(store, number)}",
             f"      quality: {_quality(store, number)}",
         ]
+        policy = store.read_json(round_layout(number).policy)
+        if policy is not None:
+            lines.append(f"      merged from the student: {accepted_families(policy) or 'none'}")
     leases = read_leases(store, REFINE_LOCK)
     now = time.time()
     if not leases:

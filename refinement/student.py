@@ -124,8 +124,12 @@ class StudentTraining:
         world_size: int = 1,
         device: torch.device | str = "cpu",
         prepare: Any = None,
+        validation_fraction: float = 0.0,
     ) -> None:
+        """``validation_fraction``: of the human-labelled images, those the merge policy
+        validates on (``refine.policy.validation_fraction``), never trained on."""
         self.config, self.shards, self.device = config, shards, torch.device(device)
+        self.validation_fraction = validation_fraction
         self.rank, self.world_size = rank, world_size
         torch.manual_seed(config.seed + rank)
         self.model, self.processor = load_student(source, config)
@@ -150,7 +154,7 @@ class StudentTraining:
         c = self.config
         return ExampleStream(
             self.shards, c.tasks, c.holdout_fraction, c.seed, self.rank, self.world_size,
-            epoch, consumed,
+            epoch, consumed, self.validation_fraction,
         )  # fmt: skip
 
     def _lr_factor(self, step: int) -> float:
@@ -249,6 +253,7 @@ def _worker(loop_config: dict[str, Any]) -> None:
         world,
         ray.train.torch.get_device(),
         prepare=ray.train.torch.prepare_model if world > 1 else None,
+        validation_fraction=loop_config["validation_fraction"],
     )
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
@@ -317,6 +322,7 @@ def train_student(store: Store, config: EngineConfig, round_number: int) -> Stud
             "shards": shards,
             "source": source,
             "round": round_number,
+            "validation_fraction": config.refine.policy.validation_fraction,
         },
         scaling_config=ScalingConfig(
             num_workers=student.num_workers,

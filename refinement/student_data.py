@@ -8,7 +8,9 @@ used to write the shards' ``florence2`` entries, so both are the same by constru
 A rank reads every ``world_size``-th shard. Its stream is a function of the seed, the
 epoch and the rank alone, so a stream rebuilt at a saved position and fast-forwarded
 gives the same examples as one that never stopped (a resumed training sees the same
-batches). Images held out for the image check (a hash of the id) are never trained on.
+batches). Two kinds of images are never trained on, both chosen by a hash of the id:
+those held out for the image check, and the human-labelled images the merge policy
+validates the student on (``is_validation``; refinement/policy.py).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from engine.records import ImageRecord
 from engine.train.data import ReadStats, shard_records
 from engine.train.stream import is_held_out
 from refinement.targets import florence2_targets
@@ -29,6 +32,11 @@ from refinement.targets import florence2_targets
 # Examples drawn at random from this many read ahead: shards are written in unit order,
 # so neighbours share a unit; the buffer mixes them.
 SHUFFLE_BUFFER = 256
+
+
+def is_validation(record: ImageRecord, fraction: float) -> bool:
+    """A human-labelled image the merge policy keeps for itself (``fraction`` of them)."""
+    return record.has_human_labels() and is_held_out(record.image_id, fraction)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,19 +47,24 @@ class Example:
     # What the processor reads: the task token, then the task's input if it has one.
     prompt: str
     target: str
+    # Held out for the merge policy (``is_validation``): never trained on.
+    validation: bool = False
 
 
 def shard_examples(
-    urls: Sequence[str], tasks: Sequence[str], stats: ReadStats
+    urls: Sequence[str], tasks: Sequence[str], stats: ReadStats, validation_fraction: float = 0.0
 ) -> Iterator[Example]:
     """Every example of ``tasks`` in the shards, in shard order."""
     wanted = set(tasks)
     for url in urls:
         for _, _, record, jpeg in shard_records(url, stats):
+            validation = is_validation(record, validation_fraction)
             for target in florence2_targets(record):
                 if target.task in wanted:
                     prompt = target.task + (target.input or "")
-                    yield Example(record.image_id, jpeg, target.task, prompt, target.target)
+                    yield Example(
+                        record.image_id, jpeg, target.task, prompt, target.target, validation
+                    )
 
 
 def held_out_examples(
@@ -88,6 +101,7 @@ class ExampleStream:
         world_size: int = 1,
         epoch: int = 0,
         consumed: int = 0,
+        validation_fraction: float = 0.0,
     ) -> None:
         self.urls = list(urls)[rank::world_size]
         if not self.urls:
@@ -96,6 +110,7 @@ class ExampleStream:
                 "use fewer workers or smaller shards"
             )
         self.tasks, self.holdout_fraction = list(tasks), holdout_fraction
+        self.validation_fraction = validation_fraction
         self.seed, self.rank = seed, rank
         self.epoch, self.consumed = epoch, 0
         self.stats = ReadStats()
@@ -107,8 +122,9 @@ class ExampleStream:
         rng = random.Random(f"{self.seed}/{self.rank}/{self.epoch}")
         urls = rng.sample(self.urls, len(self.urls))
         buffer: list[Example] = []
-        for example in shard_examples(urls, self.tasks, self.stats):
-            if is_held_out(example.image_id, self.holdout_fraction):
+        examples = shard_examples(urls, self.tasks, self.stats, self.validation_fraction)
+        for example in examples:
+            if example.validation or is_held_out(example.image_id, self.holdout_fraction):
                 continue
             buffer.append(example)
             if len(buffer) >= SHUFFLE_BUFFER:

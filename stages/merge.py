@@ -50,6 +50,7 @@ from engine.execution import StageError, run_units
 from engine.geometry import boxes_array, pairwise_iou
 from engine.layout import MANIFEST, round_layout
 from engine.records import (
+    HUMAN_PREFIX,
     RECORD_SCHEMA,
     Box,
     ImageRecord,
@@ -61,8 +62,6 @@ from engine.store import Store, kept_image_ids_by_unit
 from engine.summary import StageSummary
 from filters.regions import match_regions
 from specialists import build_specialist
-
-HUMAN_PREFIX = "human:"
 
 
 @dataclass(slots=True)
@@ -135,14 +134,8 @@ def run_merge(
     """
     if policy is None:
         policy = SpecialistMerge(config.merge.iou, config.merge.fuse_boxes)
-    sources, region_texts = [], []
-    for spec in config.annotate.specialists if specialists is None else specialists:
-        dataset = round_layout(round_number).annotate(spec.name)
-        # Constructors are cheap by contract; an instance also knows what options decide.
-        if "region_text" in build_specialist(spec).produces:
-            region_texts.append((spec.name, dataset))
-        else:
-            sources.append(dataset)
+    chosen_specialists = config.annotate.specialists if specialists is None else specialists
+    sources, region_texts = output_datasets(chosen_specialists, round_number)
     chosen = {
         key: ids
         for key, ids in kept_image_ids_by_unit(store).items()
@@ -174,14 +167,31 @@ def run_merge(
     return summary
 
 
+def output_datasets(
+    specialists: Sequence[SpecialistConfig], round_number: int
+) -> tuple[list[str], list[tuple[str, str]]]:
+    """The round's annotate datasets of ``specialists`` in config order: those merged as
+    annotations, and (name, dataset) of those that produce region texts."""
+    sources, region_texts = [], []
+    for spec in specialists:
+        dataset = round_layout(round_number).annotate(spec.name)
+        # Constructors are cheap by contract; an instance also knows what options decide.
+        if "region_text" in build_specialist(spec).produces:
+            region_texts.append((spec.name, dataset))
+        else:
+            sources.append(dataset)
+    return sources, region_texts
+
+
 def merge_unit(unit: MergeUnit) -> StageSummary:
     store = Store(unit.store_url)
     summary = StageSummary("merge")
     wanted = set(unit.image_ids)
     base = store.read_unit(unit.base, unit.key, columns=RECORD_SCHEMA.names)
     records = {r.image_id: r for r in records_from_table(base) if r.image_id in wanted}
-    outputs = _read_outputs(store, unit, unit.sources, set(records), summary)
-    texts = _read_outputs(store, unit, [d for _, d in unit.region_texts], set(records), summary)
+    outputs = read_outputs(store, unit.key, unit.sources, set(records), summary.dropped)
+    region_text_datasets = [d for _, d in unit.region_texts]
+    texts = read_outputs(store, unit.key, region_text_datasets, set(records), summary.dropped)
     names = [name for name, _ in unit.region_texts]
     merged = []
     counts = MergeCounts(summary.dropped, summary.notes)
@@ -195,20 +205,20 @@ def merge_unit(unit: MergeUnit) -> StageSummary:
     return summary
 
 
-def _read_outputs(
-    store: Store, unit: MergeUnit, datasets: Sequence[str], wanted: set[str], summary: StageSummary
+def read_outputs(
+    store: Store, unit: str, datasets: Sequence[str], wanted: set[str], dropped: Counter[str]
 ) -> dict[str, list[tuple[int, ImageRecord | None]]]:
-    """Per image id: (index into ``datasets``, that specialist's output, or None where it
-    failed on the image, which is counted)."""
+    """Per image id in ``wanted``: (index into ``datasets``, that specialist's output for
+    the image in ``unit``, or None where it failed on the image, counted in ``dropped``)."""
     outputs: dict[str, list[tuple[int, ImageRecord | None]]] = {i: [] for i in wanted}
     for index, dataset in enumerate(datasets):
-        table = store.read_unit(dataset, unit.key)
+        table = store.read_unit(dataset, unit)
         errors = table.column("error").to_pylist()
         for record, error in zip(records_from_table(table), errors, strict=True):
             if record.image_id not in outputs:
                 continue
             if error is not None:
-                summary.dropped["specialist failed on the image"] += 1
+                dropped["specialist failed on the image"] += 1
             outputs[record.image_id].append((index, record if error is None else None))
     return outputs
 

@@ -95,7 +95,10 @@ def run_report(store: Store, config: EngineConfig, round_number: int) -> StageSu
     # The page leads with the round's quality, then every round so far.
     quality = quality_table(store, round_number)
     leading = [quality] if quality is not None else []
-    tables = [*leading, report_rounds.rounds_table(store, round_number), *tables]
+    policy = report_rounds.policy_table(store, round_number)
+    leading += [report_rounds.rounds_table(store, round_number)]
+    leading += [policy] if policy is not None else []
+    tables = [*leading, *tables]
 
     figures = []
     by_round = report_rounds.quality_by_round_png(store, round_number)

@@ -40,6 +40,8 @@ def rounds_table(store: Store, up_to: int) -> StatTable:
         state = read_round_state(store, number)
         student = store.read_json(round_layout(number).student_report)
         verdict = "-" if student is None else "accepted" if student["accepted"] else "refused"
+        policy = store.read_json(round_layout(number).policy)
+        merged = "-" if policy is None else accepted_families(policy) or "none"
         quality = round_quality_values(store, number)
         churn = store.read_json(round_layout(number).churn) or {}
         rows.append(
@@ -49,20 +51,50 @@ def rounds_table(store: Store, up_to: int) -> StatTable:
                 "-" if state.parent is None else round_layout(state.parent).name,
                 store.committed_rows(records_dataset(store, number)),
                 verdict,
+                merged,
                 *(churn.get(name) for name in CHURN),
                 *(quality.get(name) for name in QUALITY_ROWS),
             )
         )
-    columns = ["round", "status", "parent", "records", "student", *CHURN, *QUALITY_ROWS]
+    columns = ["round", "status", "parent", "records", "student", "merged", *CHURN]
+    columns += QUALITY_ROWS
     return StatTable(
         "rounds",
         "Rounds so far",
         columns,
         rows,
         note="records: the round's kept records; student: whether its Florence-2 student "
-        "passed the image check (student.json); added, changed, retired: shares of "
+        "passed the image check (student.json); merged: the task families of its output "
+        "the merge policy took (policy.json); added, changed, retired: shares of "
         "annotations against the parent round (churn.json); quality: against ground "
         "truth where a round was scored (quality.json), the round as kept",
+    )
+
+
+def accepted_families(policy: dict) -> str:
+    return ", ".join(name for name, family in policy["families"].items() if family["accepted"])
+
+
+def policy_table(store: Store, round_number: int) -> StatTable | None:
+    """The merge policy's decision of a refinement round, one row per task family of the
+    student's output; None for a round without one (round 0)."""
+    policy = store.read_json(round_layout(round_number).policy)
+    if policy is None:
+        return None
+    rows = [
+        (name, f["figure"], f["images"], f["parent"], f["student"], f["accepted"], f["reason"])
+        for name, f in policy["families"].items()
+    ]
+    columns = ["family", "figure", "images", "parent", "student", "accepted", "reason"]
+    return StatTable(
+        "policy",
+        "What the round took from its student",
+        columns,
+        rows,
+        note=f"measured on {policy['validation_images']} held-out human-labelled images "
+        "the student never trained on: the family's figure for the parent round's "
+        "annotations and for them with the student's output merged in (policy.json); "
+        "no row: the student was refused by its image check",
     )
 
 

@@ -2,14 +2,10 @@
 
 import hashlib
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 import webdataset as wds
@@ -18,9 +14,9 @@ from engine.config import load_config
 from engine.run import main
 from engine.store import Store, manifest_view
 from tests.inputs import encode, messy_input_folder, photo
+from tests.processes import REPO, kill_process_tree, ray_temp_dir, start_cli
 
 CONFIG = "engine/configs/test.yaml"
-REPO = Path(__file__).resolve().parents[1]
 
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -120,23 +116,8 @@ def test_killed_run_resumes_to_the_same_rows(tmp_path):
     args = ["--config", CONFIG, "--stage", "ingest", "--input", str(images), "ray.task_cpus=0.5"]
 
     killed = tmp_path / "killed"
-    # Ray's socket paths must stay under 108 bytes: pytest's tmp_path is too deep.
-    ray_dir = Path(tempfile.mkdtemp(prefix="fld-kill-", dir="/tmp"))
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "engine.run",
-            *args,
-            "--store",
-            str(killed),
-            f"ray.temp_dir={ray_dir}",
-        ],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
+    ray_dir = ray_temp_dir()
+    process = start_cli([*args, "--store", str(killed)], ray_dir)
     markers = killed / "manifest" / "_committed"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and len(list(markers.glob("*.json"))) < 3:
@@ -156,18 +137,3 @@ def test_killed_run_resumes_to_the_same_rows(tmp_path):
     assert tree_digest(Store(str(killed))) == tree_digest(Store(str(tmp_path / "clean")))
     manifest = manifest_view(Store(str(killed)).read("manifest"))
     assert manifest.num_rows == 120
-
-
-def kill_process_tree(process: subprocess.Popen, ray_dir: Path) -> None:
-    """SIGKILL the driver's session and every Ray process that runs from its temp dir."""
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    marker = str(ray_dir).encode()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if marker in (proc / "cmdline").read_bytes():
-                os.kill(int(proc.name), signal.SIGKILL)
-        except (OSError, ProcessLookupError):
-            continue

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-import yaml
 
 from engine.layout import MANIFEST, round_layout
 from engine.records import Caption, ImageRecord, Region, records_from_table, records_to_table
@@ -14,36 +12,12 @@ from engine.round_state import committed_rounds, read_round_state
 from engine.run import main
 from engine.world import render_image
 from refinement.lock import StoreLock
-from tests.world_shards import exported_world
+from refinement.policy import read_policy
+from tests.world_shards import exported_world, refine_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 HUMAN = "human:coco"
-
-
-def refine_config(folder: Path, min_image_gain: float) -> str:
-    """The test config plus the world's specialists and a tiny student."""
-    config = yaml.safe_load(Path("engine/configs/test.yaml").read_text())
-    config["annotate"] = {
-        "specialists": [
-            {"name": "shapes", "kind": "world_shapes", "num_cpus": 0.25},
-            {"name": "captions", "kind": "world_captions", "num_cpus": 0.25},
-        ]
-    }
-    config["refine"] = {
-        "student": {
-            "tiny": {"hidden_size": 32, "layers": 1, "heads": 2, "image_size": 64},
-            "steps": 4, "batch_size": 4, "lr": 1e-3, "warmup_steps": 1,
-            "holdout_fraction": 0.3, "checkpoint_every": 2, "cpus_per_worker": 0.5,
-            "min_image_gain": min_image_gain,
-        },
-        "annotate_tasks": ["<OD>"],
-        "annotator": {"name": "student", "kind": "florence2", "num_cpus": 0.25,
-                      "options": {"max_new_tokens": 24}},
-    }  # fmt: skip
-    path = folder / f"refine-{min_image_gain}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
 
 
 def add_new_images(store, count: int) -> ImageRecord:
@@ -99,6 +73,16 @@ def test_two_refine_rounds_keep_human_labels_and_refuse_a_second_refine(
     assert churn["against"] == 0 and churn["kept"] + churn["added"] > 0
     first = kept(store, 1)
     assert human_labels(first[human.image_id]) == human_labels(human)
+    # The policy measured the student's objects on the one human-labelled image and
+    # refused them (this untrained student finds nothing): none of its boxes is merged.
+    policy = read_policy(store, 1)
+    assert policy.validation_images == 1
+    assert not policy.families["objects"].accepted, policy.families["objects"].reason
+    assert "objects refused" in out
+    sources = {r.source.split(":")[0] for record in first.values() for r in record.regions}
+    assert "student_od" not in sources and "shapes" in sources
+    assert main(["--stage", "status", "--store", store.url]) == 0
+    assert "merged from the student: none" in capsys.readouterr().out
 
     # A second refine while one holds the lease is refused with one line naming it.
     holder = StoreLock(store, "refine")

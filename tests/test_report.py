@@ -244,15 +244,29 @@ def test_every_round_so_far_is_shown_with_quality_by_round(store, tmp_path):
     store.write_bytes(round_layout(1).student_report, json.dumps(student).encode())
     churn = {"against": 0, "added": 0.25, "changed": 0.0, "retired": 0.5}
     store.write_bytes(round_layout(1).churn, json.dumps(churn).encode())
+    family = {"figure": "box AP50", "images": 30, "parent": 0.5, "student": 0.6}
+    policy = {
+        "round": 1,
+        "validation_images": 30,
+        "families": {
+            "objects": {**family, "accepted": True, "reason": "raises it"},
+            "ocr": {**family, "figure": "OCR", "accepted": False, "reason": "no truth"},
+        },
+    }
+    store.write_bytes(round_layout(1).policy, json.dumps(policy).encode())
 
     run_report(store, CONFIG, 1)
     report = tmp_path / "store" / "reports" / "r001"
-    table = json.loads((report / "stats.json").read_text())["tables"]["rounds"]
+    tables = json.loads((report / "stats.json").read_text())["tables"]
+    decided = {row["family"]: row for row in tables["policy"]["rows"]}
+    assert decided["objects"]["accepted"] and decided["ocr"]["reason"] == "no truth"
+    table = tables["rounds"]
     by_round = {row["round"]: row for row in table["rows"]}
     assert by_round["r000"]["status"] == "committed" and by_round["r000"]["student"] == "-"
     assert by_round["r001"]["parent"] == "r000" and by_round["r001"]["student"] == "refused"
     assert (by_round["r001"]["added"], by_round["r001"]["retired"]) == (0.25, 0.5)
     assert by_round["r000"]["added"] is None
+    assert (by_round["r000"]["merged"], by_round["r001"]["merged"]) == ("-", "objects")
     assert by_round["r001"]["box R @.5"] == 1.0 > by_round["r000"]["box R @.5"]
     assert by_round["r000"]["records"] == 4  # the manifest's rows: no round dataset yet
     assert (report / "figures" / "quality_by_round.png").read_bytes()[:4] == b"\x89PNG"

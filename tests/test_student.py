@@ -10,7 +10,8 @@ from PIL import Image
 from transformers import Florence2ForConditionalGeneration, Florence2Processor
 
 from engine.config import StudentConfig, load_config
-from engine.layout import round_layout
+from engine.layout import MANIFEST, round_layout
+from engine.records import records_from_table
 from engine.round_state import commit_round
 from engine.train.config import TinyModelConfig
 from refinement.student import (
@@ -21,7 +22,7 @@ from refinement.student import (
     train_student,
     verdict,
 )
-from refinement.student_data import held_out_examples
+from refinement.student_data import ExampleStream, held_out_examples, is_validation
 from tests.world_shards import exported_world, shard_urls
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -39,6 +40,24 @@ def student_config(**fields: object) -> StudentConfig:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     return exported_world(tmp_path_factory.mktemp("student"), images=24, seed=5, unit=8)
+
+
+def test_the_policy_s_validation_images_are_never_trained_on(tmp_path):
+    store = exported_world(tmp_path, images=12, seed=7, unit=12, human=6)
+    urls = shard_urls(store)
+
+    def trained_ids(validation_fraction: float) -> set[str]:
+        stream = ExampleStream(urls, ["<OD>"], 0.01, 0, validation_fraction=validation_fraction)
+        return {example.image_id for example in stream.take(48)}
+
+    everything = trained_ids(0.0)
+    held = trained_ids(1.0)
+    assert len(everything) == 12
+    # Exactly the six human-labelled images are held out; unlabelled ones never are.
+    assert len(everything - held) == 6 and len(held) == 6
+    records = records_from_table(store.read(MANIFEST))
+    humans = {r.image_id for r in records if is_validation(r, 1.0)}
+    assert humans == everything - held
 
 
 def test_a_resumed_training_continues_with_the_same_losses_and_weights(world):
