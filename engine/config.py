@@ -199,6 +199,33 @@ class ExportConfig(_Section):
     coco: bool = True
 
 
+class TowerConfig(_Section):
+    """Dense pretraining of a new student's vision tower on the round's object boxes
+    before the student trains (refinement/tower.py): a small Florence-2 trained from
+    scratch learns its targets' language and ignores random visual features.
+
+    ``output_stride``: pixels of the processed image per heatmap cell; the head upsamples
+    the tower's last map (stride 32) to it. ``lr`` suits a tower trained from scratch.
+    ``flip``: mirror half the images, the one augmentation that changes no label.
+    """
+
+    steps: int = Field(default=500, ge=1)
+    batch_size: int = Field(default=16, ge=1)
+    lr: float = Field(default=2e-3, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    warmup_steps: int = Field(default=20, ge=0)
+    output_stride: int = Field(default=4, ge=1)
+    head_channels: int = Field(default=64, ge=1)
+    flip: bool = True
+    # Images held out (by a hash of the id) and scored for the health figure; a student
+    # sets this to its own image check's share, so both hold out the same images.
+    holdout_fraction: float = Field(default=0.1, gt=0, lt=1)
+    eval_images: int = Field(default=64, ge=1)
+    seed: int = 0
+    # A progress line every this many steps.
+    log_every: int = Field(default=50, ge=1)
+
+
 class StudentConfig(_Section):
     """The Florence-2 student a refinement round trains on the previous round's shards
     (refinement/student.py). Initialised from the previous round's model when there is
@@ -208,6 +235,8 @@ class StudentConfig(_Section):
     checkpoint: str | None = None
     revision: str | None = None
     tiny: TinyModelConfig | None = None
+    # A tiny student's tower is first pretrained on the round's boxes when this is set.
+    tower: TowerConfig | None = None
     # Florence-2 tasks to train on (refinement/targets.py writes their targets).
     tasks: list[str] = ["<OD>", "<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>"]
     steps: int = Field(default=1000, ge=1)
@@ -238,6 +267,8 @@ class StudentConfig(_Section):
     def _one_source(self) -> StudentConfig:
         if self.checkpoint is not None and self.tiny is not None:
             raise ValueError("give the student a checkpoint or a tiny model, not both")
+        if self.tower is not None and self.tiny is None:
+            raise ValueError("tower pretrains a tiny student's tower; a checkpoint's is trained")
         return self
 
 

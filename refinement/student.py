@@ -31,6 +31,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,8 @@ class StudentReport:
     image_check: dict[str, float] | None
     accepted: bool
     reason: str
+    # What the tower's dense pretraining found (refinement/tower.py), when it ran.
+    tower: dict[str, float] | None = None
 
 
 def init_source(store: Store, round_number: int, config: StudentConfig) -> str:
@@ -129,7 +132,9 @@ class StudentTraining:
         """``validation_fraction``: of the human-labelled images, those the merge policy
         validates on (``refine.policy.validation_fraction``), never trained on."""
         self.config, self.shards, self.device = config, shards, torch.device(device)
-        self.validation_fraction = validation_fraction
+        self.source, self.validation_fraction = source, validation_fraction
+        # The tower pretraining's report, once it ran (``pretrain_tower``).
+        self.tower: dict[str, float] | None = None
         self.rank, self.world_size = rank, world_size
         torch.manual_seed(config.seed + rank)
         self.model, self.processor = load_student(source, config)
@@ -169,6 +174,22 @@ class StudentTraining:
         enabled = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
+    def pretrain_tower(self, echo: Callable[[str], None] | None = print) -> None:
+        """Before the first step of a new tiny student with ``tower`` configured, its
+        vision tower learns where the round's objects are (refinement/tower.py), on the
+        images the student trains on. Every rank pretrains alike (same shards, same seed),
+        so data-parallel replicas stay equal."""
+        c = self.config
+        if c.tower is None or self.source != "tiny" or self.step > 0:
+            return
+        from refinement.tower import pretrain_tower
+
+        tower = c.tower.model_copy(update={"holdout_fraction": c.holdout_fraction})
+        report = pretrain_tower(
+            self.model, self.processor, self.shards, tower, echo, self.validation_fraction
+        )
+        self.tower = asdict(report)
+
     def train_step(self) -> float:
         batch = encode(
             self.processor, self.stream.take(self.config.batch_size), self.max_target_tokens
@@ -193,6 +214,7 @@ class StudentTraining:
             "data": {"epoch": self.stream.epoch, "consumed": self.stream.consumed},
             "losses": self.losses,
             "rng": torch.get_rng_state(),
+            "tower": self.tower,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -202,6 +224,7 @@ class StudentTraining:
         self.step, self.losses = state["step"], list(state["losses"])
         self.stream = self._stream(**state["data"])
         torch.set_rng_state(state["rng"])
+        self.tower = state["tower"]
 
     @torch.no_grad()
     def image_check(self, examples: list[Example]) -> ImageCheck:
@@ -261,6 +284,8 @@ def _worker(loop_config: dict[str, Any]) -> None:
             if (Path(folder) / STUDENT_REPORT).exists():
                 return  # the previous run finished; the driver reads its result
             training.load_state_dict(torch.load(Path(folder) / STATE_FILE, weights_only=False))
+    else:
+        training.pretrain_tower()
     started, first_step = time.perf_counter(), training.step
     while training.step < config.steps:
         loss = training.train_step()
@@ -292,6 +317,7 @@ def _worker(loop_config: dict[str, Any]) -> None:
                 image_check=None if check is None else {**asdict(check), "gain": check.gain},
                 accepted=accepted,
                 reason=reason,
+                tower=training.tower,
             )
             training.save_pretrained(folder)
             (Path(folder) / STUDENT_REPORT).write_text(json.dumps(asdict(report), indent=1))

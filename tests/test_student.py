@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from transformers import Florence2ForConditionalGeneration, Florence2Processor
 
-from engine.config import StudentConfig, load_config
+from engine.config import StudentConfig, TowerConfig, load_config
 from engine.layout import MANIFEST, round_layout
 from engine.records import records_from_table
 from engine.round_state import commit_round
@@ -58,6 +58,25 @@ def test_the_policy_s_validation_images_are_never_trained_on(tmp_path):
     records = records_from_table(store.read(MANIFEST))
     humans = {r.image_id for r in records if is_validation(r, 1.0)}
     assert humans == everything - held
+
+
+def test_a_new_tiny_student_pretrains_its_tower_first_and_a_resumed_one_does_not(world):
+    tower = TowerConfig(steps=3, batch_size=4, output_stride=16, eval_images=2, log_every=1)
+    config = student_config(steps=2, tower=tower)
+    training = StudentTraining(config, shard_urls(world), "tiny")
+    before = {n: p.detach().clone() for n, p in training.model.named_parameters()}
+    training.pretrain_tower(echo=None)
+    assert training.tower["steps"] == 3 and training.tower["heldout_images"] >= 1
+    changed = {n for n, p in training.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith("model.vision_tower.") for n in changed)
+
+    training.train_step()
+    resumed = StudentTraining(config, shard_urls(world), "tiny")
+    resumed.load_state_dict(training.state_dict())
+    weights = {n: p.detach().clone() for n, p in resumed.model.named_parameters()}
+    resumed.pretrain_tower(echo=None)  # past step 0: the tower is the checkpoint's
+    assert resumed.tower == training.tower
+    assert all(torch.equal(p, weights[n]) for n, p in resumed.model.named_parameters())
 
 
 def test_a_resumed_training_continues_with_the_same_losses_and_weights(world):
