@@ -118,6 +118,20 @@ def test_the_image_check_refuses_a_student_that_cannot_see(world):
     )
 
 
+def test_a_student_trained_on_mismatched_images_is_refused(tmp_path):
+    mismatched = exported_world(tmp_path / "m", images=24, seed=5, unit=8, mismatched=True)
+    true_pairs = exported_world(tmp_path / "t", images=24, seed=5, unit=8)
+    config = student_config(steps=30)
+    training = StudentTraining(config, shard_urls(mismatched), "tiny")
+    for _ in range(config.steps):
+        training.train_step()
+    assert training.losses[-1] < training.losses[0]  # it learnt the targets' language
+    examples = held_out_examples(shard_urls(true_pairs), config.tasks, 0.3, 8)
+    check = training.image_check(examples)
+    accepted, reason = verdict(check, config)
+    assert not accepted and "image-blind" in reason, check
+
+
 def test_ray_train_writes_a_loadable_student_and_a_rerun_resumes(world, ray_cluster):
     config = load_config(None, [])
     student = student_config(steps=4, checkpoint_every=2, cpus_per_worker=0.5)

@@ -22,9 +22,13 @@ from stages.export import ExportUnit, export_unit, write_shard_index
 from stages.ingest_coco import HUMAN_SOURCE
 
 
-def exported_world(root: Path, images: int, seed: int, unit: int = 16, human: int = 0) -> Store:
+def exported_world(
+    root: Path, images: int, seed: int, unit: int = 16, human: int = 0, mismatched: bool = False
+) -> Store:
     """A store under ``root`` whose committed round 0 is the world's export; the first
-    ``human`` images (by id) carry their labels as human labels."""
+    ``human`` images (by id) carry their labels as human labels. ``mismatched``: each
+    record is stored with the next record's image file (within its unit), so no label
+    says anything about the pixels it comes with."""
     paths = generate_world(root / "world", images, seed=seed)
     records = sorted(load_truth(paths.truth).values(), key=lambda r: r.image_id)
     for record in records[:human]:
@@ -35,6 +39,8 @@ def exported_world(root: Path, images: int, seed: int, unit: int = 16, human: in
     for start in range(0, len(records), unit):
         chunk = records[start : start + unit]
         files = [Path(r.uri.removeprefix("file://")).read_bytes() for r in chunk]
+        if mismatched:
+            files = files[1:] + files[:1]
         key = f"u{start:03d}"
         store.commit_unit(key, {MANIFEST: records_to_table(chunk, files)})
         ids = tuple(r.image_id for r in chunk)
