@@ -10,10 +10,15 @@ import io
 import warnings
 from dataclasses import dataclass
 
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 # A truncated file must fail loudly, never decode into a half-grey image.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+# Only these are ever parsed: every other PIL plugin is attack surface for formats no
+# dataset needs (EPS would even run Ghostscript). The names are PIL's format ids; they
+# match the extensions of ``ingest.image_extensions``.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
 IMAGE_SIGNATURES = (
     b"\xff\xd8\xff",
@@ -47,9 +52,10 @@ def decode_image(
 ) -> DecodedImage:
     """Check and normalise one encoded image.
 
-    Raises RefusedInput with one of: ``empty file``, ``file too large``, ``not an image``,
-    ``image too large`` (over ``max_pixels``, which also catches decompression bombs
-    before any pixel is decoded), ``truncated or corrupt``.
+    Raises RefusedInput with one of: ``empty file``, ``file too large``, ``not an image``
+    (anything but ``ALLOWED_FORMATS``), ``image too large`` (over ``max_pixels``, which
+    also catches decompression bombs before any pixel is decoded), ``truncated or
+    corrupt`` (including a JPEG too short for the size its header claims).
     A baseline RGB JPEG that needs no rotation is kept byte for byte; anything else is
     re-encoded once at ``jpeg_quality``.
     """
@@ -61,12 +67,13 @@ def decode_image(
         with warnings.catch_warnings():
             # PIL warns between 1x and 2x its limit; our own check below is the one rule.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except UnidentifiedImageError as exc:
         # A known signature with a header PIL cannot read is a damaged image, not a stray file.
-        reason = "truncated or corrupt" if data.startswith(IMAGE_SIGNATURES) else "not an image"
+        if data.startswith(IMAGE_SIGNATURES):
+            raise RefusedInput("truncated or corrupt", "no decoder recognises the data") from exc
         # PIL's message names the in-memory buffer's address: not a stable detail.
-        raise RefusedInput(reason, "no decoder recognises the data") from exc
+        raise RefusedInput("not an image", f"not one of {', '.join(ALLOWED_FORMATS)}") from exc
     except Image.DecompressionBombError as exc:
         raise RefusedInput("image too large", str(exc)) from exc
     except Exception as exc:  # PIL raises many types for malformed headers
@@ -77,6 +84,8 @@ def decode_image(
         raise RefusedInput("truncated or corrupt", f"size {width}x{height}")
     if width * height > max_pixels:
         raise RefusedInput("image too large", f"{width}x{height} > {max_pixels} pixels")
+    if isinstance(image, JpegImagePlugin.JpegImageFile):  # MPO (camera JPEGs) included
+        _check_jpeg_holds_its_pixels(data, width, height)
     try:
         image.load()
         orientation = image.getexif().get(0x0112, 1)
@@ -91,6 +100,46 @@ def decode_image(
     out = io.BytesIO()
     rgb.save(out, format="JPEG", quality=jpeg_quality)
     return DecodedImage(out.getvalue(), rgb.width, rgb.height)
+
+
+# Start-of-frame markers of Huffman-coded JPEGs (baseline, extended, progressive,
+# lossless and their hierarchical forms); SOF9-SOF15 are arithmetic-coded.
+_HUFFMAN_FRAMES = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7})
+_ARITHMETIC_FRAMES = frozenset({0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+
+
+def _check_jpeg_holds_its_pixels(data: bytes, width: int, height: int) -> None:
+    """Refuse a JPEG too short to code the pixels its header claims.
+
+    libjpeg does not fail when the scan data ends at an EOI marker before the last block:
+    it fills the rest with flat grey, the half-grey image that ``LOAD_TRUNCATED_IMAGES``
+    is set to refuse. So a header claiming 6000x6000 over a few hundred bytes decodes
+    "successfully" to 108 MB of grey. A Huffman-coded scan spends at least one bit on
+    every 8x8 block of a full-resolution component (its DC code, even for a flat block),
+    so fewer bits than blocks cannot be a whole image; checking before decoding costs
+    nothing. Arithmetic coding has no such floor and is left to the decoder.
+    """
+    if _frame_marker(data) not in _HUFFMAN_FRAMES:
+        return
+    blocks = -(-width // 8) * -(-height // 8)
+    if len(data) * 8 < blocks:
+        at_least = -(-blocks // 8)
+        detail = f"header claims {width}x{height}: >= {at_least} bytes, file has {len(data)}"
+        raise RefusedInput("truncated or corrupt", detail)
+
+
+def _frame_marker(data: bytes) -> int | None:
+    """The SOF marker code of a JPEG (walking the marker segments), None if none is found."""
+    position = 2  # after SOI
+    while position + 4 <= len(data) and data[position] == 0xFF:
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            position += 1
+            continue
+        if marker in _HUFFMAN_FRAMES or marker in _ARITHMETIC_FRAMES:
+            return marker
+        position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+    return None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -6,18 +6,27 @@ the same units and skips the committed ones. Each unit, a Ray task, reads its in
 decodes and normalises every image (``image_decode``) and commits one manifest part
 and one quarantine part together. Duplicate content is kept out by the manifest view
 (first in unit order) and listed in quarantine by a final step.
+
+Inputs are hostile until read: a local input is read only if it is a regular file
+that resolves inside what the user named (links are resolved, never trusted), and a
+name that is not UTF-8 is read by its bytes and recorded escaped (``_recordable``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import posixpath
+import re
+import stat
 import tarfile
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import IO
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from engine.config import EngineConfig, IngestConfig
 from engine.execution import run_units
@@ -43,8 +52,13 @@ class InputError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class IngestItem:
+    # Where to read it. A local name that is not UTF-8 keeps its undecodable bytes as
+    # Python's surrogate escapes, so it reopens the very file; records get ``_recordable``.
     uri: str
     source: str
+    # What the user named that this input must stay inside: the folder, a glob's
+    # folder, the COCO file's folder, or the file itself.
+    root: str
     labels: HumanLabels | None = None
 
 
@@ -55,7 +69,7 @@ class IngestUnit:
     config: IngestConfig
     items: tuple[IngestItem, ...] = ()
     # A WebDataset shard is one unit: its members are only known by reading it.
-    tar: str | None = None
+    tar: IngestItem | None = None
     # Refusals found while planning (COCO annotations), committed with this unit.
     refused: tuple[QuarantineEntry, ...] = ()
 
@@ -68,33 +82,34 @@ class IngestPlan:
 
 def plan_ingest(inputs: list[str], store: Store, config: IngestConfig) -> IngestPlan:
     """Expand inputs into units. Raises InputError for a path that does not exist."""
-    files: dict[str, str] = {}
-    tars: list[str] = []
+    files: dict[str, IngestItem] = {}
+    tars: dict[str, IngestItem] = {}
     coco_units: list[IngestUnit] = []
     notes: Counter[str] = Counter()
     for spec in inputs:
-        uris, from_folder = _expand(spec)
+        uris, root, from_folder = _expand(spec)
         for uri in uris:
             # A COCO file is named as an input; a .json inside an image folder is not one.
             if uri.endswith(".json") and not from_folder:
                 try:
-                    coco = read_coco(uri)
-                except (ValueError, OSError) as exc:
+                    with _open_input(uri, root) as f:
+                        coco = read_coco(uri, f)
+                except (ValueError, OSError, RefusedInput) as exc:
                     raise InputError(f"input {uri!r} is not a readable COCO file: {exc}") from exc
                 notes.update(coco.notes)
                 coco_units.extend(_coco_units(coco, store, config))
             elif uri.endswith(".tar"):
-                tars.append(uri)
+                tars.setdefault(uri, IngestItem(uri, "tar", root))
             else:
-                files.setdefault(uri, "folder")
+                files.setdefault(uri, IngestItem(uri, "folder", root))
     units = []
     ordered = sorted(files)
     for start in range(0, len(ordered), config.unit_size):
         chunk = ordered[start : start + config.unit_size]
-        items = tuple(IngestItem(uri, files[uri]) for uri in chunk)
+        items = tuple(files[uri] for uri in chunk)
         units.append(IngestUnit(_key("files", *chunk), store.url, config, items=items))
-    for tar in sorted(set(tars)):
-        units.append(IngestUnit(_key("tar", tar), store.url, config, tar=tar))
+    for uri in sorted(tars):
+        units.append(IngestUnit(_key("tar", uri), store.url, config, tar=tars[uri]))
     return IngestPlan(units + coco_units, notes)
 
 
@@ -147,7 +162,7 @@ def ingest_unit(unit: IngestUnit) -> StageSummary:
             continue
         record = ImageRecord(
             image_id=image_id_for(sha256),
-            uri=item.uri,
+            uri=_recordable(item.uri),
             source=item.source,
             width=decoded.width,
             height=decoded.height,
@@ -155,7 +170,7 @@ def ingest_unit(unit: IngestUnit) -> StageSummary:
         )
         if item.labels is not None:
             regions, captions, label_refusals, changed = labels_to_regions(
-                item.labels, decoded.width, decoded.height, item.uri
+                item.labels, decoded.width, decoded.height, _recordable(item.uri)
             )
             record.regions, record.captions = regions, captions
             refused.extend(label_refusals)
@@ -165,6 +180,8 @@ def ingest_unit(unit: IngestUnit) -> StageSummary:
     for entry in refused:
         summary.quarantined[entry.reason] += 1
     summary.outputs = len(records)
+    # Names (in uris, and in details such as an OSError's message) may not be UTF-8.
+    refused = [replace(e, uri=_recordable(e.uri), detail=_recordable(e.detail)) for e in refused]
     store.commit_unit(
         unit.key,
         {
@@ -213,6 +230,14 @@ def quarantine_duplicates(store: Store) -> int:
 
 Problem = RefusedInput | None
 
+_FILE_KINDS = {
+    stat.S_IFDIR: "a folder",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
+
 
 def _read_items(unit: IngestUnit) -> Iterator[tuple[IngestItem, bytes, Problem]]:
     if unit.tar is not None:
@@ -220,16 +245,49 @@ def _read_items(unit: IngestUnit) -> Iterator[tuple[IngestItem, bytes, Problem]]
         return
     for item in unit.items:
         try:
-            with fsspec.open(item.uri, "rb") as f:
+            with _open_input(item.uri, item.root) as f:
                 # Read one byte past the limit: enough to know the file is too large.
                 data = f.read(unit.config.max_file_bytes + 1)
+        except RefusedInput as exc:
+            yield item, b"", exc
+            continue
         except (OSError, ValueError) as exc:
             yield item, b"", RefusedInput("unreadable file", f"{type(exc).__name__}: {exc}")
             continue
         yield item, data, None
 
 
-def _read_tar(uri: str, config: IngestConfig) -> Iterator[tuple[IngestItem, bytes, Problem]]:
+def _open_input(uri: str, root: str) -> IO[bytes]:
+    """Open one input for reading, if it lies inside ``root`` and is a regular file.
+
+    Raises RefusedInput (``outside input root``, ``not a regular file``), or OSError
+    and ValueError as the file system does. Opening a FIFO blocks until some writer
+    comes, and a device may never end: such files are judged by ``stat`` and never
+    opened, so nothing here waits on another process.
+    """
+    fs, path = fsspec.core.url_to_fs(uri)
+    root_path = fsspec.core.url_to_fs(root)[1]
+    if not isinstance(fs, LocalFileSystem):
+        # Object stores have no links: the normalised name says where it is.
+        if not _within(posixpath.normpath(path), posixpath.normpath(root_path)):
+            raise RefusedInput("outside input root", f"{path} is not inside {root_path}")
+        return fs.open(path, "rb")
+    real, real_root = os.path.realpath(path), os.path.realpath(root_path)
+    if not _within(real, real_root):
+        raise RefusedInput("outside input root", f"resolves to {real}, not inside {real_root}")
+    mode = os.stat(real).st_mode
+    if not stat.S_ISREG(mode):
+        raise RefusedInput("not a regular file", _FILE_KINDS.get(stat.S_IFMT(mode), oct(mode)))
+    # Should a FIFO or a link take the file's place after the checks, the open neither
+    # waits for a writer nor follows the link: the read then ends at once, or fails.
+    return os.fdopen(os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW), "rb")
+
+
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _read_tar(tar: IngestItem, config: IngestConfig) -> Iterator[tuple[IngestItem, bytes, Problem]]:
     """Members of a WebDataset shard, streamed; never extracted to disk.
 
     Members with unsafe names (absolute, escaping with ``..``) or that are links or
@@ -237,9 +295,9 @@ def _read_tar(uri: str, config: IngestConfig) -> Iterator[tuple[IngestItem, byte
     (``.json``, ``.txt``, ``.cls``...) are not images and are skipped.
     """
     try:
-        with fsspec.open(uri, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-            for member in tar:
-                item = IngestItem(f"{uri}#{member.name}", "tar")
+        with _open_input(tar.uri, tar.root) as f, tarfile.open(fileobj=f, mode="r|*") as archive:
+            for member in archive:
+                item = IngestItem(f"{tar.uri}#{member.name}", "tar", tar.uri)
                 if member.isdir():
                     continue
                 unsafe = _unsafe_member(member)
@@ -253,11 +311,12 @@ def _read_tar(uri: str, config: IngestConfig) -> Iterator[tuple[IngestItem, byte
                     size = f"{member.size} bytes > {config.max_file_bytes}"
                     yield item, b"", RefusedInput("file too large", size)
                     continue
-                fileobj = tar.extractfile(member)
+                fileobj = archive.extractfile(member)
                 yield item, fileobj.read() if fileobj else b"", None
+    except RefusedInput as exc:
+        yield tar, b"", exc
     except (tarfile.TarError, OSError, EOFError) as exc:
-        item = IngestItem(uri, "tar")
-        yield item, b"", RefusedInput("corrupt tar", f"{type(exc).__name__}: {exc}")
+        yield tar, b"", RefusedInput("corrupt tar", f"{type(exc).__name__}: {exc}")
 
 
 def _unsafe_member(member: tarfile.TarInfo) -> str | None:
@@ -281,25 +340,29 @@ def _refusal(item: IngestItem, problem: RefusedInput, sha256: str | None = None)
     )
 
 
-def _expand(spec: str) -> tuple[list[str], bool]:
-    """One input argument as file URLs, and whether it named a folder.
+def _expand(spec: str) -> tuple[list[str], str, bool]:
+    """One input argument as file URLs, the root they must stay inside, and whether it
+    named a folder.
 
     A folder is walked recursively (hidden files skipped); a glob is expanded; a file is
-    itself.
+    itself. Links, FIFOs and devices are listed like files (fsspec lists a link to a
+    folder without following it): their unit refuses them with a reason.
     """
     fs, path = fsspec.core.url_to_fs(spec)
     if any(c in path for c in GLOB_CHARS):
-        matches = [p for p in fs.glob(path) if fs.isfile(p)]
+        matches = [p for p in fs.glob(path) if not fs.isdir(p)]
         if not matches:
             raise InputError(f"input {spec!r} matches no file")
-        return [fs.unstrip_protocol(p) for p in sorted(matches)], False
+        literal = path[: min(path.index(c) for c in GLOB_CHARS if c in path)]
+        root = fs.unstrip_protocol(posixpath.dirname(literal))
+        return [fs.unstrip_protocol(p) for p in sorted(matches)], root, False
     if fs.isdir(path):
         found = sorted(p for p in fs.find(path) if not posixpath.basename(p).startswith("."))
         if not found:
             raise InputError(f"input folder {spec!r} is empty")
-        return [fs.unstrip_protocol(p) for p in found], True
+        return [fs.unstrip_protocol(p) for p in found], fs.unstrip_protocol(path), True
     if fs.isfile(path):
-        return [fs.unstrip_protocol(path)], False
+        return [fs.unstrip_protocol(path)], fs.unstrip_protocol(path), False
     raise InputError(f"input {spec!r} does not exist or cannot be read")
 
 
@@ -309,7 +372,7 @@ def _coco_units(coco: CocoInput, store: Store, config: IngestConfig) -> list[Ing
     units = []
     for start in range(0, max(len(ordered), 1), config.unit_size):
         chunk = ordered[start : start + config.unit_size]
-        items = tuple(IngestItem(uri, source, coco.images[uri]) for uri in chunk)
+        items = tuple(IngestItem(uri, source, coco.folder, coco.images[uri]) for uri in chunk)
         # The file's own refusals travel with its first unit, so they are committed once.
         refused = tuple(coco.refused) if start == 0 else ()
         key = _key("coco", coco.uri, *chunk)
@@ -318,4 +381,25 @@ def _coco_units(coco: CocoInput, store: Store, config: IngestConfig) -> list[Ing
 
 
 def _key(*parts: str) -> str:
-    return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
+    # surrogatepass: a name that is not UTF-8 (surrogate escapes) hashes too, the same
+    # way on every run.
+    return hashlib.sha1("\n".join(parts).encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _recordable(text: str) -> str:
+    """``text`` as valid UTF-8, which Arrow strings must be; unchanged if it already is.
+
+    A file or tar member name that is not UTF-8 reaches Python with each undecodable
+    byte b as the lone surrogate U+DC00+b (surrogateescape); it is recorded as ``%XX``,
+    the byte in hex, so the same name gives the same URI on every run. Any other lone
+    surrogate (only a JSON escape can make one) is recorded as ``\\uXXXX``.
+    """
+    return _SURROGATE.sub(_escape_surrogate, text)
+
+
+def _escape_surrogate(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"%{code - 0xDC00:02X}" if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}"

@@ -14,6 +14,7 @@ import json
 import posixpath
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import IO
 
 import fsspec
 
@@ -43,16 +44,28 @@ class CocoInput:
     """One COCO file: its images (uri -> labels) and the annotations it refused."""
 
     uri: str
+    # The folder holding the file: its images are resolved, and must stay, inside it.
+    folder: str
     images: dict[str, HumanLabels] = field(default_factory=dict)
     refused: list[QuarantineEntry] = field(default_factory=list)
     # Kept with a caveat, counted for the summary (e.g. captions beyond the first).
     notes: Counter[str] = field(default_factory=Counter)
 
 
-def read_coco(uri: str) -> CocoInput:
-    """Read and validate a COCO detection/segmentation or captions file at any fsspec URL."""
-    with fsspec.open(uri, "r") as f:
-        dataset = json.load(f)
+def read_coco(uri: str, file: IO[bytes] | None = None) -> CocoInput:
+    """Read and validate a COCO detection/segmentation or captions file.
+
+    ``uri`` is any fsspec URL. ``file``: the file at ``uri`` already opened by the caller
+    (ingest opens it only after checking what it is); None opens ``uri`` here. An image
+    whose ``file_name`` leads out of the file's folder (``../``, an absolute path) is kept
+    here and refused when read (``outside input root``), with its labels, like a missing
+    image.
+    """
+    if file is None:
+        with fsspec.open(uri, "rb") as f:
+            dataset = json.load(f)
+    else:
+        dataset = json.load(file)
     if not isinstance(dataset, dict) or not isinstance(dataset.get("images"), list):
         raise ValueError(f"{uri} is not a COCO file: no 'images' list")
     categories = {
@@ -62,7 +75,7 @@ def read_coco(uri: str) -> CocoInput:
     }
     fs, path = fsspec.core.url_to_fs(uri)
     folder = posixpath.dirname(path)
-    result = CocoInput(uri)
+    result = CocoInput(uri, fs.unstrip_protocol(folder))
     image_uris: dict[int, str] = {}
     for position, image in enumerate(dataset["images"]):
         file_name = image.get("file_name") if isinstance(image, dict) else None

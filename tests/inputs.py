@@ -29,6 +29,18 @@ def exif_rotated_jpeg(width: int = 64, height: int = 48) -> bytes:
     return encode(photo(width, height, seed=7), "JPEG", exif=exif)
 
 
+def jpeg_claiming(width: int, height: int) -> bytes:
+    """A whole, tiny JPEG whose frame header is rewritten to claim ``width`` x ``height``.
+
+    libjpeg decodes it without an error, filling every block past the first few with
+    flat grey: a truncated image that no decoder exception reveals.
+    """
+    data = bytearray(encode(photo(16, 16, seed=11)))
+    sof = data.index(b"\xff\xc0")  # SOF0: marker, length, precision, height, width
+    data[sof + 5 : sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
 def good_images() -> dict[str, bytes]:
     """Distinct, usable images in the modes ingest must normalise."""
     rgba = photo(40, 30, seed=1).convert("RGBA")
@@ -44,6 +56,8 @@ def good_images() -> dict[str, bytes]:
         "cmyk.jpg": encode(photo(40, 30, seed=4).convert("CMYK")),
         "rotated.jpg": exif_rotated_jpeg(),
         "sub/nested.webp": encode(photo(32, 32, seed=5), "WEBP"),
+        # The fewest bytes per pixel a Huffman JPEG can have: one bit per flat block.
+        "flat.jpg": encode(Image.new("L", (512, 512), 77), progressive=True, optimize=True),
     }
 
 
@@ -53,12 +67,18 @@ def bad_files(max_pixels: int) -> dict[str, tuple[bytes, str]]:
     side = int(max_pixels**0.5) + 100
     # A decompression bomb: a tiny file that would decode to more pixels than allowed.
     bomb = encode(Image.new("1", (side, side)), "PNG", optimize=True)
+    # Under the pixel limit, so only the bytes' count can tell it is not whole.
+    claimed = int(max_pixels**0.5) - 100
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n%%EndComments\nshowpage\n"
     return {
         "empty.jpg": (b"", "empty file"),
         "notes.txt": (b"these are not pixels\n", "not an image"),
         "fake.png": (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "truncated or corrupt"),
         "truncated.jpg": (truncated, "truncated or corrupt"),
         "bomb.png": (bomb, "image too large"),
+        "claims-more.jpg": (jpeg_claiming(claimed, claimed), "truncated or corrupt"),
+        # PIL can open EPS (through Ghostscript): a format outside the allowlist.
+        "drawing.eps": (eps, "not an image"),
     }
 
 

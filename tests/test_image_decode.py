@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from stages.image_decode import RefusedInput, decode_image
-from tests.inputs import bad_files, encode, exif_rotated_jpeg, good_images, photo
+from tests.inputs import bad_files, encode, exif_rotated_jpeg, good_images, jpeg_claiming, photo
 
 LIMITS = {"max_pixels": 4_000_000, "max_bytes": 10_000_000, "jpeg_quality": 95}
 
@@ -53,3 +53,12 @@ def test_bad_inputs_are_refused_with_their_reason(name):
 def test_file_over_the_byte_limit_is_refused():
     with pytest.raises(RefusedInput, match="file too large"):
         decode_image(encode(photo()), **{**LIMITS, "max_bytes": 100})
+
+
+def test_jpeg_claiming_more_pixels_than_its_bytes_hold_is_refused():
+    # 6000x6000 within the pixel limit, in a few hundred bytes: libjpeg would pad it out
+    # to 108 MB of grey without an error. Refused from the header, before decoding.
+    data = jpeg_claiming(6000, 6000)
+    with pytest.raises(RefusedInput, match="header claims 6000x6000") as refused:
+        decode_image(data, **{**LIMITS, "max_pixels": 40_000_000})
+    assert refused.value.reason == "truncated or corrupt"
