@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from engine.train.config import TinyModelConfig, TrainConfig
 
@@ -82,6 +90,9 @@ class SpecialistConfig(_Section):
 
 class AnnotateConfig(_Section):
     specialists: tuple[SpecialistConfig, ...] = ()
+    # Packages (dotted names) besides ``specialists`` whose "module:Class" kinds this
+    # config may import: importing runs a module's code, so a config is code.
+    allowed_modules: tuple[str, ...] = ()
     # Decoded units queued per actor: enough to keep a GPU busy, few enough to bound memory.
     prefetch_units: int = Field(default=2, ge=1)
 
@@ -316,6 +327,28 @@ class EngineConfig(_Section):
     train: TrainConfig = TrainConfig()
     # Refinement rounds: the Florence-2 student.
     refine: RefineConfig = RefineConfig()
+
+    # Kinds are checked from their names alone when a config is read, before any module
+    # is imported (specialists.check_kind_allowed); refine's annotator is allowed by the
+    # same annotate.allowed_modules.
+    @field_validator("annotate")
+    @classmethod
+    def _annotate_kinds_allowed(cls, annotate: AnnotateConfig) -> AnnotateConfig:
+        from specialists import check_kind_allowed
+
+        for spec in annotate.specialists:
+            check_kind_allowed(spec.kind, annotate.allowed_modules)
+        return annotate
+
+    @field_validator("refine")
+    @classmethod
+    def _annotator_kind_allowed(cls, refine: RefineConfig, info: ValidationInfo) -> RefineConfig:
+        from specialists import check_kind_allowed
+
+        annotate = info.data.get("annotate")  # absent when it failed its own validation
+        if annotate is not None:
+            check_kind_allowed(refine.annotator.kind, annotate.allowed_modules)
+        return refine
 
 
 def apply_override(data: dict[str, Any], override: str) -> None:

@@ -16,12 +16,20 @@ import time
 
 from engine.config import ConfigError, EngineConfig, load_config
 from engine.execution import StageError
+from engine.layout import LOCKS, MANIFEST, QUARANTINE, REPORTS, ROUNDS, SHARDS
 from engine.pipeline import ROUND, STEPS, PlanError, Request, execute, plan
 from engine.round_state import committed_rounds, started_rounds
 from engine.store import Store, StoreError
+from engine.train.inputs import DEFAULT_OUTPUT
 
 # "all" runs one round, from ingest to report.
 STAGES = (*STEPS, "all")
+# Stages that may start a round that has no state yet: annotate (alone or in all) the
+# specialists' round, refine the next one. The others work on a round that has started.
+STARTS_ROUND = frozenset({"annotate", "all", "refine"})
+# Top-level names of a store (engine/layout.py, and the trainer's default output): a root
+# holding none of them but other files is no store of ours.
+STORE_ENTRIES = frozenset({MANIFEST, QUARANTINE, LOCKS, ROUNDS, SHARDS, REPORTS, DEFAULT_OUTPUT})
 
 
 class UsageError(Exception):
@@ -47,22 +55,48 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--round", help="round number or 'next' (default: the latest committed round)"
     )
+    parser.add_argument(
+        "--allow-nonempty-store",
+        action="store_true",
+        help="use a store root that already holds other files and no store",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return parser
 
 
-def resolve_round(value: str | None, store: Store) -> int:
+def resolve_round(value: str | None, store: Store, stage: str) -> int:
     """``--round`` as a number: the latest committed round by default (before any round
     is committed, the one in progress, else 0); ``next`` is the one after the latest
-    committed round."""
-    committed = committed_rounds(store)
+    committed round.
+
+    The round must have started (have a state), or be the default, or, for a stage that
+    starts rounds (``STARTS_ROUND``), the next one: a mistyped number would otherwise
+    make a stray round, which a later default could follow.
+    """
+    committed, started = committed_rounds(store), started_rounds(store)
+    latest = committed[-1] if committed else max(started, default=0)
+    following = committed[-1] + 1 if committed else 0
     if value is None:
-        return committed[-1] if committed else max(started_rounds(store), default=0)
+        return latest
     if value == "next":
-        return committed[-1] + 1 if committed else 0
-    if not value.isdigit():
+        number = following
+    elif value.isdigit():
+        number = int(value)
+    else:
         raise UsageError(f"--round must be a number or 'next', not {value!r}")
-    return int(value)
+    if number in started or number == latest:
+        return number
+    if stage in STARTS_ROUND and number == following:
+        return number
+    running = [n for n in started if n not in committed]
+    if stage in STARTS_ROUND:
+        allowed = f"{stage} can start round {following} only"
+    else:
+        allowed = f"{stage} works on a round that has started"
+    raise UsageError(
+        f"--round {value}: the store has no round {number} "
+        f"(committed: {committed}, running: {running}); {allowed}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         summaries = execute(planned, request, echo=echo)
-    except StageError as exc:
+    except (StageError, StoreError) as exc:  # a StoreError here names a damaged file
         print(f"engine.run: error: {exc}", file=sys.stderr)
         return 1
     if echo is not None:
@@ -97,23 +131,30 @@ def make_request(args: argparse.Namespace, config: EngineConfig) -> Request:
         if args.round is not None and not args.round.isdigit():
             raise UsageError(f"--round must be a number for train, not {args.round!r}")
         url = args.store or config.store
-        store = open_store(url) if url else None
+        store = open_store(url, args.allow_nonempty_store) if url else None
         round_number = int(args.round) if args.round is not None else None
     else:
-        store = open_store(args.store or config.store)
+        store = open_store(args.store or config.store, args.allow_nonempty_store)
         # A refine makes a new round: the one after the latest committed, by default.
         wanted = "next" if args.stage == "refine" and args.round is None else args.round
-        round_number = resolve_round(wanted, store)
+        round_number = resolve_round(wanted, store, args.stage)
     return Request(config, store, round_number, tuple(args.input), alone=args.stage != "all")
 
 
-def open_store(url: str | None) -> Store:
+def open_store(url: str | None, allow_nonempty: bool = False) -> Store:
+    """The store at ``url``, checked before any work: shared between processes, a store
+    (or empty, or new) unless ``allow_nonempty``, and writable."""
     if not url:
         raise UsageError("no store: pass --store URL or set 'store' in the config")
     store = Store(url)
     if not store.is_local:
         # memory:// lives inside one process; Ray workers would each see an empty store.
         raise StoreError(f"store {url!r} is not shared between processes; use a path or s3://")
+    if not allow_nonempty:
+        try:
+            store.check_is_store(STORE_ENTRIES)
+        except StoreError as exc:
+            raise StoreError(f"{exc}, or pass --allow-nonempty-store") from exc
     store.check_writable()
     return store
 

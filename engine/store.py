@@ -6,13 +6,21 @@ What lives where is named in ``engine/layout.py``. A dataset is a folder of part
 so the rule holds on object stores, which have no atomic rename, as well as on local
 disk. Units are fixed and deterministic: a rerun rewrites an uncommitted part under
 the same name and skips committed ones, so no row is ever written twice.
+
+A marker records what it commits: the part's name, rows and bytes. A kill or a full disk
+can still leave a marker empty or cut short, and a part can be truncated after it was
+committed; such a unit is not committed (``is_committed`` is False, so the stage that
+writes it redoes it on its next run), and a reader that meets it raises a one-line
+``StoreError`` naming the file. The checks cost a file size and the row count Parquet
+reads anyway, never a pass over the bytes. Markers written before sizes were recorded
+have none, and are checked by their rows alone.
 """
 
 from __future__ import annotations
 
 import json
 import posixpath
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
 
 import fsspec
@@ -25,10 +33,12 @@ from engine.layout import MANIFEST, round_layout
 from engine.records import CAPTION_KINDS, MANIFEST_SCHEMA
 
 MARKER_DIR = "_committed"
+# What ``check_writable`` writes and removes at the root; a kill can leave it behind.
+WRITE_PROBE = ".write-probe"
 
 
 class StoreError(RuntimeError):
-    pass
+    """A store that cannot be used as asked, or a damaged file in one; one line for the user."""
 
 
 class Store:
@@ -52,7 +62,7 @@ class Store:
 
     def check_writable(self) -> None:
         """Fail early, with a clear message, when the root cannot be created or written."""
-        probe = self.path(".write-probe")
+        probe = self.path(WRITE_PROBE)
         try:
             self.fs.makedirs(self.root, exist_ok=True)
             with self.fs.open(probe, "wb") as f:
@@ -60,6 +70,25 @@ class Store:
             self.fs.rm(probe)
         except Exception as exc:  # any backend error means the same to the user
             raise StoreError(f"store {self.url!r} is not writable: {exc}") from exc
+
+    def check_is_store(self, names: Collection[str]) -> None:
+        """Refuse a root that holds files but none of a store's top-level ``names``: a store
+        written into ``/etc`` or a home folder would mix its folders with someone else's
+        files. A root that does not exist, is empty, or cannot be listed passes (the last
+        is left to ``check_writable``)."""
+        try:
+            if not self.fs.isdir(self.root):
+                return
+            found = {posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.root, detail=False)}
+        except OSError:
+            return
+        found.discard(WRITE_PROBE)
+        if found and not found & set(names):
+            example = sorted(found)[0]
+            raise StoreError(
+                f"store {self.url!r} is a folder of other files ({len(found)}, e.g. {example!r}) "
+                "and holds no store; pick an empty or new folder"
+            )
 
     # ------------------------------------------------------------ parts and markers
 
@@ -70,7 +99,13 @@ class Store:
         return self.path(dataset, f"part-{unit}.parquet")
 
     def is_committed(self, dataset: str, unit: str) -> bool:
-        return self.fs.exists(self._marker(dataset, unit))
+        """True when the unit's marker reads and its part (if it names one) has the size
+        the marker recorded; a damaged unit is not committed, so its stage redoes it."""
+        try:
+            self._check_part(dataset, unit, self.read_marker(dataset, unit))
+        except StoreError:
+            return False
+        return True
 
     def unit_done(self, unit: str, datasets: Iterable[str]) -> bool:
         return all(self.is_committed(dataset, unit) for dataset in datasets)
@@ -79,16 +114,24 @@ class Store:
         """Write one part per dataset for ``unit``, then their markers (with ``info``).
 
         All parts are complete before the first marker is written; a unit counts as done
-        only when every one of its markers exists (``unit_done``), so a kill between two
+        only when every one of its markers is whole (``unit_done``), so a kill between two
         markers makes the rerun redo the whole unit, rewriting identical parts.
         """
+        sizes = {}
         for dataset, table in tables.items():
             path = self.part_path(dataset, unit)
             self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
             with self.fs.open(path, "wb") as f:
                 pq.write_table(table, f, compression=_compression(table))
+                sizes[dataset] = f.tell()
         for dataset, table in tables.items():
-            marker = {"part": f"part-{unit}.parquet", "rows": table.num_rows, **(info or {})}
+            # What the marker commits comes last, so no ``info`` key can overwrite it.
+            marker = {
+                **(info or {}),
+                "part": f"part-{unit}.parquet",
+                "rows": table.num_rows,
+                "bytes": sizes[dataset],
+            }
             self.write_marker(dataset, unit, marker)
 
     def write_marker(self, dataset: str, unit: str, info: dict) -> None:
@@ -99,10 +142,48 @@ class Store:
             json.dump(info, f)
 
     def read_marker(self, dataset: str, unit: str) -> dict:
-        with self.fs.open(self._marker(dataset, unit), "r") as f:
-            return json.load(f)
+        """A unit's marker; ``StoreError`` naming it when it is missing, empty or cut short."""
+        path = self._marker(dataset, unit)
+        try:
+            marker = json.loads(self.fs.cat_file(path))
+        except FileNotFoundError as exc:
+            raise StoreError(
+                f"unit {unit} of {dataset} is not committed: no {self._url(path)}"
+            ) from exc
+        except ValueError as exc:  # empty, cut short or not text: a kill or a full disk
+            raise self._damaged(path, "is empty or not JSON") from exc
+        if not isinstance(marker, dict):
+            raise self._damaged(path, "is not a JSON object")
+        return marker
+
+    def _check_part(self, dataset: str, unit: str, marker: dict) -> None:
+        """The part a marker names exists with the size it recorded (when it recorded one).
+
+        Markers of other files (export's shards, a model) name no part.
+        """
+        if "part" not in marker:
+            return
+        path = self.part_path(dataset, unit)
+        try:
+            size = self.fs.size(path)
+        except FileNotFoundError as exc:
+            raise self._damaged(path, "is missing but its unit has a marker") from exc
+        expected = marker.get("bytes")
+        if expected is not None and size != expected:
+            raise self._damaged(path, f"has {size} bytes, its marker recorded {expected}")
+
+    def _damaged(self, path: str, problem: str) -> StoreError:
+        return StoreError(
+            f"{self._url(path)} {problem}: its unit counts as not committed; "
+            "run the stage that writes it again"
+        )
+
+    def _url(self, path: str) -> str:
+        return self.fs.unstrip_protocol(path)
 
     def committed_units(self, dataset: str) -> list[str]:
+        """Units of a dataset that have a marker, from one listing. A damaged one is kept in
+        the list, so the stage reading it fails naming the file instead of losing its rows."""
         marker_dir = self.path(dataset, MARKER_DIR)
         if not self.fs.exists(marker_dir):
             return []
@@ -117,17 +198,28 @@ class Store:
 
     def read(self, dataset: str, columns: list[str] | None = None) -> pa.Table | None:
         """All committed parts of a dataset in unit order, or None when it has none."""
-        tables = []
-        for unit in self.committed_units(dataset):
-            with self.fs.open(self.part_path(dataset, unit), "rb") as f:
-                tables.append(pq.read_table(f, columns=columns))
+        tables = [self.read_unit(dataset, unit, columns) for unit in self.committed_units(dataset)]
         if not tables:
             return None
         return pa.concat_tables(tables, promote_options="default")
 
     def read_unit(self, dataset: str, unit: str, columns: list[str] | None = None) -> pa.Table:
-        with self.fs.open(self.part_path(dataset, unit), "rb") as f:
-            return pq.read_table(f, columns=columns)
+        """One committed part, checked against its marker; ``StoreError`` naming the file
+        when the unit is not committed or the part or marker is damaged."""
+        marker = self.read_marker(dataset, unit)
+        self._check_part(dataset, unit, marker)
+        path = self.part_path(dataset, unit)
+        try:
+            with self.fs.open(path, "rb") as f:
+                table = pq.read_table(f, columns=columns)
+        except (pa.ArrowException, OSError) as exc:
+            # Markers without a size cannot catch a truncated part before Parquet does.
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise self._damaged(path, f"cannot be read ({reason})") from exc
+        expected = marker.get("rows")
+        if expected is not None and table.num_rows != expected:
+            raise self._damaged(path, f"has {table.num_rows} rows, its marker recorded {expected}")
+        return table
 
     # ------------------------------------------------------------ files
 

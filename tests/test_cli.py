@@ -11,7 +11,10 @@ import pytest
 import webdataset as wds
 
 from engine.config import load_config
-from engine.run import main
+from engine.layout import MANIFEST
+from engine.records import ImageRecord, records_to_table
+from engine.round_state import commit_round, record_step
+from engine.run import UsageError, main, resolve_round
 from engine.store import Store, manifest_view
 from tests.inputs import encode, messy_input_folder, photo
 from tests.processes import REPO, kill_process_tree, ray_temp_dir, start_cli
@@ -61,6 +64,86 @@ def test_unwritable_store_fails_before_any_work(tmp_path, capsys):
     store = str(tmp_path / "file" / "store")
     assert main(["--stage", "export", "--config", CONFIG, "--store", store]) == 2
     assert "not writable" in capsys.readouterr().err
+
+
+def ingested(path) -> Store:
+    """A store with one committed manifest unit of two images."""
+    store = Store(str(path))
+    records = [ImageRecord(f"i{k}", f"mem://{k}", "test", 24, 16, "0" * 64) for k in range(2)]
+    images = [encode(photo(24, 16, seed=k)) for k in range(2)]
+    store.commit_unit("u0", {MANIFEST: records_to_table(records, images)})
+    return store
+
+
+def test_a_round_that_does_not_exist_is_refused_before_any_folder_is_made(tmp_path, capsys):
+    """A mistyped --round made rounds/r005 (and its shards), which later defaults followed."""
+    store = ingested(tmp_path / "store")
+    record_step(store, 0, "annotate", "digest")  # round 0 is in progress
+    for wanted in ("5", "1"):
+        args = ["--stage", "export", "--config", CONFIG, "--store", store.url, "--round", wanted]
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert "export works on a round that has started" in err and len(err.splitlines()) == 1
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["manifest", "rounds"]
+    assert [p.name for p in (tmp_path / "store/rounds").iterdir()] == ["r000"]
+
+
+def test_only_started_rounds_and_the_one_a_stage_starts_are_accepted(tmp_path):
+    store = Store(str(tmp_path / "store"))
+    # A fresh store: round 0 is the default and the one annotate (or all) starts.
+    assert resolve_round(None, store, "export") == resolve_round("0", store, "export") == 0
+    assert resolve_round("next", store, "annotate") == 0
+    record_step(store, 0, "annotate", "d")
+    commit_round(store, 0)
+    # A stray folder, as a mistyped --round left behind before, is no round.
+    (tmp_path / "store/rounds/r005/merged").mkdir(parents=True)
+    assert resolve_round(None, store, "export") == 0
+    assert resolve_round("next", store, "refine") == resolve_round("1", store, "annotate") == 1
+    refused = [("5", "export"), ("1", "export"), ("next", "report"), ("2", "annotate")]
+    for value, stage in refused:
+        with pytest.raises(UsageError, match="the store has no round"):
+            resolve_round(value, store, stage)
+    record_step(store, 1, "train", "d", parent=0)  # refine has started round 1
+    assert resolve_round("1", store, "export") == 1 and resolve_round(None, store, "merge") == 0
+    with pytest.raises(UsageError, match=r"running: \[1\]\); annotate can start round 1 only"):
+        resolve_round("2", store, "annotate")
+
+
+def test_a_damaged_part_is_named_in_one_line(tmp_path, ray_cluster, capsys):
+    store = ingested(tmp_path / "store")
+    part = tmp_path / "store/manifest/part-u0.parquet"
+    part.write_bytes(part.read_bytes()[:100])  # a disk that filled after the commit
+    args = ["--stage", "export", "--config", CONFIG, "--store", store.url]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert str(part) in err and "run the stage that writes it again" in err
+    assert len(err.splitlines()) == 1
+
+
+def test_a_folder_of_other_files_is_no_store_unless_told(tmp_path, capsys):
+    """store=/etc was accepted and got a manifest/ beside passwd."""
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "passwd").write_text("root:x:0:0\n")
+    images = tmp_path / "in"
+    images.mkdir()
+    (images / "a.jpg").write_bytes(encode(photo()))
+    ingest = ["--stage", "ingest", "--config", CONFIG, "--input", str(images)]
+    assert main([*ingest, "--store", str(etc)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds no store" in err and "--allow-nonempty-store" in err
+    assert len(err.splitlines()) == 1
+    assert [p.name for p in etc.iterdir()] == ["passwd"]
+    status = ["--stage", "status", "--store"]
+    assert main([*status, str(etc), "--allow-nonempty-store"]) == 0
+    # A store, an empty folder, a new one, and one a killed write probe left are all fine.
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "probed").mkdir()
+    (tmp_path / "probed/.write-probe").write_bytes(b"ok")
+    store = ingested(tmp_path / "store")
+    (tmp_path / "store/notes.txt").write_text("a store may hold a note")
+    for root in (store.url, tmp_path / "empty", tmp_path / "new", tmp_path / "probed"):
+        assert main([*status, str(root)]) == 0, capsys.readouterr().err
 
 
 def test_all_stages_on_a_messy_folder(tmp_path, ray_cluster, capsys):

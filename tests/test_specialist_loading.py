@@ -1,15 +1,22 @@
 """Model loading shared by the transformers specialists: folders named by URL, lineage of
 pinned revisions, and configs without a model refused before any actor starts."""
 
+import sys
+import uuid
+from pathlib import Path
+
 import pytest
 import torch
 import transformers.utils.hub
+import yaml
 from huggingface_hub import ResolvedRevision
 from transformers import SamModel, SamProcessor
 
 import specialists.base
-from engine.config import SpecialistConfig
+from engine.config import ConfigError, SpecialistConfig, load_config
+from engine.pipeline import check_specialists
 from engine.records import ImageRecord, Region
+from engine.run import main
 from specialists import build_specialist, specialist_class
 from specialists.base import SpecialistInput, load_pretrained
 from specialists.sam import SAMSpecialist
@@ -111,3 +118,90 @@ def test_a_kind_that_loads_weights_is_refused_without_a_model_when_built(kind):
 @pytest.mark.parametrize("kind", ["rapidocr", "world_captions", "world_shapes"])
 def test_a_kind_that_ships_its_model_builds_without_one(kind):
     assert build_specialist(SpecialistConfig(name="x", kind=kind)).config.model is None
+
+
+# A config is code: a "module:Class" kind is imported, running the module. One outside the
+# specialists package must be in annotate.allowed_modules, checked before it is imported.
+PLUGIN = """
+import pathlib
+
+from specialists.base import Specialist
+
+pathlib.Path(__file__).with_name("imported").write_text("the module ran")
+
+
+class Good(Specialist):
+    produces = frozenset({"captions"})
+
+    def setup(self):
+        pass
+
+    def annotate(self, batch):
+        return []
+
+
+class NotASpecialist:
+    pass
+"""
+
+
+@pytest.fixture
+def plugin(tmp_path, monkeypatch):
+    """A fresh module on sys.path that leaves a file behind when it is imported."""
+    name = f"plugin_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return name, tmp_path / "imported"
+
+
+def plugin_config(tmp_path, kind: str, allowed: list[str] | None = None) -> Path:
+    annotate = {"specialists": [{"name": "plugin", "kind": kind}]}
+    if allowed is not None:
+        annotate["allowed_modules"] = allowed
+    path = tmp_path / "plugin.yaml"
+    path.write_text(yaml.safe_dump({"annotate": annotate}))
+    return path
+
+
+def test_a_kind_outside_the_allowed_packages_is_refused_before_import(plugin, tmp_path, capsys):
+    name, side_effect = plugin
+    path = plugin_config(tmp_path, f"{name}:Good")
+    with pytest.raises(ConfigError, match=r"annotate\.allowed_modules"):
+        load_config(path)
+    args = ["--stage", "annotate", "--config", str(path), "--store", str(tmp_path / "s")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"module {name!r} is outside" in err and len(err.splitlines()) == 1
+    assert not side_effect.exists() and name not in sys.modules
+
+
+def test_a_listed_package_is_imported_and_must_hold_a_specialist(plugin, tmp_path):
+    name, side_effect = plugin
+    check_specialists(load_config(plugin_config(tmp_path, f"{name}:Good", [name])))
+    assert side_effect.exists()
+    config = load_config(plugin_config(tmp_path, f"{name}:NotASpecialist", [name]))
+    with pytest.raises(ConfigError, match="is not a Specialist subclass"):
+        check_specialists(config)
+
+
+@pytest.mark.parametrize(
+    ("kind", "allowed"),
+    [
+        ("os:system", []),
+        ("subprocess:Popen", ["os"]),
+        ("mypkg_evil.mod:Cls", ["mypkg"]),  # a package is a dotted prefix, not a string one
+        ("mypkg/../os:system", ["mypkg"]),
+    ],
+)
+def test_kinds_outside_the_allowed_packages_are_refused_by_name(tmp_path, kind, allowed):
+    with pytest.raises(ConfigError, match="specialist kind"):
+        load_config(plugin_config(tmp_path, kind, allowed))
+
+
+def test_registered_kinds_and_this_package_need_no_listing(tmp_path):
+    for kind in ("rapidocr", "specialists.world:ShapeDetector"):
+        load_config(plugin_config(tmp_path, kind))
+    load_config(plugin_config(tmp_path, "mypkg.sub.mod:Cls", ["mypkg"]))
+    # Refinement builds its annotator from the config too.
+    with pytest.raises(ConfigError, match="refine"):
+        load_config(None, ["refine.annotator={name: student, kind: 'os:system'}"])
