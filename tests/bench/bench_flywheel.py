@@ -129,11 +129,17 @@ def main() -> int:
     parser.add_argument("--human", type=float, default=0.1)
     parser.add_argument("--config", default=str(CONFIG_DIR / "flywheel.yaml"))
     parser.add_argument("--work", default="out/flywheel")
+    parser.add_argument(
+        "--resume", action="store_true", help="carry on in --work: committed rounds are kept"
+    )
     args = parser.parse_args()
     work = Path(args.work).resolve()
-    shutil.rmtree(work, ignore_errors=True)
-    world = generate_world(work / "world", args.images, seed=args.seed, workers=2)
-    human, bare, scored_truth, labelled = split_world(world.truth, args.human)
+    if not args.resume:
+        shutil.rmtree(work, ignore_errors=True)
+    truth = work / "world" / "truth.json"
+    if not truth.exists():
+        truth = generate_world(work / "world", args.images, seed=args.seed, workers=2).truth
+    human, bare, scored_truth, labelled = split_world(truth, args.human)
     config = load_config(args.config)
     store = Store(str(work / "store"))
     print(f"world {args.seed}: {args.images} images, {labelled} with human labels", flush=True)
@@ -141,15 +147,19 @@ def main() -> int:
     results = []
     for number in range(args.rounds + 1):
         started = time.time()
-        if number == 0:
+        state = read_round_state(store, number)
+        if state is not None and state.committed:
+            print(f"r{number:03d}: committed by an earlier run", flush=True)
+        elif number == 0:
             inputs = (str(bare), str(human))
             request = Request(config, store, 0, inputs, alone=False)
             steps = [STEPS[name] for name in ROUND]
             steps.insert(steps.index(STEPS["report"]), evaluate_step(scored_truth))
+            execute(plan(steps, request), request)
         else:
             request = Request(config, store, number)
             steps = [STEPS["refine"], evaluate_step(scored_truth), STEPS["report"]]
-        execute(plan(steps, request), request)
+            execute(plan(steps, request), request)
         layout = round_layout(number)
         quality = store.read_json(layout.quality)
         results.append(
