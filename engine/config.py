@@ -56,6 +56,11 @@ class IngestConfig(_Section):
     # Larger images are refused; this is also PIL's decompression-bomb limit.
     max_image_pixels: int = Field(default=40_000_000, ge=1)
     max_file_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
+    # COCO annotations naming one image; past it the image is quarantined with all its
+    # labels. COCO itself has under 100 per image and dense sets a few hundred; a count
+    # far beyond is a broken or hostile file, and every later stage (merge, filter,
+    # export, a student's target text) grows with the labels of an image.
+    max_labels_per_image: int = Field(default=2000, ge=1)
     # Quality for images that must be re-encoded (EXIF rotation, non-RGB, non-JPEG).
     jpeg_quality: int = Field(default=95, ge=1, le=100)
     image_extensions: tuple[str, ...] = (

@@ -93,7 +93,7 @@ def plan_ingest(inputs: list[str], store: Store, config: IngestConfig) -> Ingest
             if uri.endswith(".json") and not from_folder:
                 try:
                     with _open_input(uri, root) as f:
-                        coco = read_coco(uri, f)
+                        coco = read_coco(uri, f, max_labels_per_image=config.max_labels_per_image)
                 except (ValueError, OSError, RefusedInput) as exc:
                     raise InputError(f"input {uri!r} is not a readable COCO file: {exc}") from exc
                 notes.update(coco.notes)

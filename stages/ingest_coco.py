@@ -13,11 +13,13 @@ from __future__ import annotations
 import json
 import posixpath
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO
 
 import fsspec
 
+from engine.config import IngestConfig
 from engine.geometry import all_finite, box_in_image, clip_points, is_valid_polygon
 from engine.records import Caption, QuarantineEntry, Region
 
@@ -52,62 +54,109 @@ class CocoInput:
     notes: Counter[str] = field(default_factory=Counter)
 
 
-def read_coco(uri: str, file: IO[bytes] | None = None) -> CocoInput:
+def read_coco(
+    uri: str,
+    file: IO[bytes] | None = None,
+    *,
+    max_labels_per_image: int = IngestConfig().max_labels_per_image,
+) -> CocoInput:
     """Read and validate a COCO detection/segmentation or captions file.
 
     ``uri`` is any fsspec URL. ``file``: the file at ``uri`` already opened by the caller
     (ingest opens it only after checking what it is); None opens ``uri`` here. An image
     whose ``file_name`` leads out of the file's folder (``../``, an absolute path) is kept
     here and refused when read (``outside input root``), with its labels, like a missing
-    image.
+    image. An image named by more than ``max_labels_per_image`` annotations is refused
+    here, with all of them, before any of them is validated: its cost stays that of
+    counting them.
+
+    Raises ValueError, with a one-line reason, for a file that is not COCO as a whole
+    (not JSON, nested too deeply, ``images``, ``annotations`` or ``categories`` not a
+    list, a category that is not an object with an id); a bad image or annotation entry
+    is refused on its own.
     """
-    if file is None:
-        with fsspec.open(uri, "rb") as f:
-            dataset = json.load(f)
-    else:
-        dataset = json.load(file)
+    dataset = _load(uri, file)
     if not isinstance(dataset, dict) or not isinstance(dataset.get("images"), list):
-        raise ValueError(f"{uri} is not a COCO file: no 'images' list")
-    categories = {
-        c.get("id"): str(c.get("name"))
-        for c in dataset.get("categories", [])
-        if isinstance(c, dict)
-    }
+        raise ValueError("no 'images' list")
+    categories = _categories(_listed(dataset, "categories"))
+    annotations = _listed(dataset, "annotations")
     fs, path = fsspec.core.url_to_fs(uri)
     folder = posixpath.dirname(path)
     result = CocoInput(uri, fs.unstrip_protocol(folder))
-    image_uris: dict[int, str] = {}
+    image_uris: dict[int | str, str] = {}
     for position, image in enumerate(dataset["images"]):
+        where = f"{uri}#images[{position}]"
         file_name = image.get("file_name") if isinstance(image, dict) else None
         if not isinstance(file_name, str) or "id" not in image:
-            where = f"{uri}#images[{position}]"
             result.refused.append(_refuse(where, "image entry without id or file_name", ""))
             continue
+        image_id = image["id"]
+        if not _is_id(image_id):
+            result.refused.append(
+                _refuse(where, "image entry with an invalid id", f"id={image_id!r}")
+            )
+            continue
+        if image_id in image_uris:
+            # A second image under one id would take the first one's labels, or its place.
+            detail = f"id={image_id!r} is also {image_uris[image_id]}"
+            result.refused.append(_refuse(where, "image entry with a duplicate id", detail))
+            continue
         resolved = posixpath.normpath(posixpath.join(folder, file_name))
-        image_uris[image["id"]] = fs.unstrip_protocol(resolved)
+        image_uris[image_id] = fs.unstrip_protocol(resolved)
 
-    boxes: dict[int, list[CocoBox]] = {i: [] for i in image_uris}
-    captions: dict[int, list[str]] = {i: [] for i in image_uris}
-    for position, ann in enumerate(dataset.get("annotations", [])):
+    # Counted before anything else is done with the labels, so an image with a million of
+    # them costs one pass of counting, not a million boxes built and then thrown away.
+    label_counts = Counter(
+        ann.get("image_id")
+        for ann in annotations
+        if isinstance(ann, dict) and _is_id(ann.get("image_id"))
+    )
+    # In file order, so that a rerun quarantines them in the same order.
+    over_limit = [i for i in image_uris if label_counts[i] > max_labels_per_image]
+    source = f"coco:{posixpath.basename(path)}"
+    for image_id in over_limit:
+        detail = (
+            f"{label_counts[image_id]} labels, over ingest.max_labels_per_image="
+            f"{max_labels_per_image}; none of them kept"
+        )
+        result.refused.append(
+            QuarantineEntry(image_uris.pop(image_id), source, "too many labels", detail)
+        )
+    refused_images = set(over_limit)
+
+    boxes: dict[int | str, list[CocoBox]] = {i: [] for i in image_uris}
+    captions: dict[int | str, list[str]] = {i: [] for i in image_uris}
+    for position, ann in enumerate(annotations):
         if not isinstance(ann, dict):
             result.refused.append(
                 _refuse(f"{uri}#annotations[{position}]", "invalid annotation", "")
             )
             continue
-        ann_id = ann.get("id", position)
-        where = f"{uri}#annotation={ann_id}"
         image_id = ann.get("image_id")
-        if image_id not in image_uris:
+        if _is_id(image_id) and image_id in refused_images:
+            continue
+        ann_id = ann.get("id", position)
+        if not _is_id(ann_id):
+            where = f"{uri}#annotations[{position}]"
+            result.refused.append(_refuse(where, "invalid annotation id", f"id={ann_id!r}"))
+            continue
+        where = f"{uri}#annotation={ann_id}"
+        if not _is_id(image_id) or image_id not in image_uris:
             result.refused.append(
                 _refuse(where, "annotation of unknown image", f"image_id={image_id}")
             )
             continue
         if "caption" in ann:
-            captions[image_id].append(str(ann["caption"]).strip())
+            caption = ann["caption"]
+            if isinstance(caption, str):
+                captions[image_id].append(caption.strip())
+            else:
+                result.refused.append(_refuse(where, "invalid caption", f"caption={caption!r}"))
             continue
-        category = categories.get(ann.get("category_id"))
+        category_id = ann.get("category_id")
+        category = categories.get(category_id) if _is_id(category_id) else None
         if category is None:
-            detail = f"category_id={ann.get('category_id')}"
+            detail = f"category_id={category_id}"
             result.refused.append(_refuse(where, "annotation of unknown category", detail))
             continue
         problem = _bbox_problem(ann.get("bbox"))
@@ -154,6 +203,46 @@ def labels_to_regions(
     return regions, captions, refused, changed
 
 
+def _load(uri: str, file: IO[bytes] | None) -> object:
+    """The parsed JSON; ValueError for what is not JSON or is nested too deeply."""
+    try:
+        if file is None:
+            with fsspec.open(uri, "rb") as f:
+                return json.load(f)
+        return json.load(file)
+    except RecursionError:
+        # The parser recurses once per level: [[[[...]]]] deeper than Python's recursion
+        # limit is no COCO file, and would otherwise end the run with a traceback.
+        raise ValueError("JSON nested too deeply") from None
+
+
+def _listed(dataset: dict, key: str) -> list:
+    """``dataset[key]``, a list; [] when absent; ValueError when it is something else."""
+    value = dataset.get(key, [])
+    if not isinstance(value, list):
+        raise ValueError(f"{key!r} is not a list but {type(value).__name__}")
+    return value
+
+
+def _categories(entries: list) -> dict[int | str, str]:
+    """Category id -> name. A category that cannot be told apart by its id makes every
+    annotation's category doubtful, so it is an error of the file, not of one entry."""
+    categories = {}
+    for position, category in enumerate(entries):
+        if not isinstance(category, dict) or not _is_id(category.get("id")):
+            raise ValueError(
+                f"categories[{position}] is not an object with an integer or string id"
+            )
+        categories[category["id"]] = str(category.get("name"))
+    return categories
+
+
+def _is_id(value: object) -> bool:
+    """Whether ``value`` can be a COCO id: an int (not a bool, which equals 0 or 1, nor a
+    float, which would equal an int id) or a string, as some COCO-like files use."""
+    return isinstance(value, int | str) and not isinstance(value, bool)
+
+
 def _refuse(where: str, reason: str, detail: str) -> QuarantineEntry:
     return QuarantineEntry(
         uri=where, source=HUMAN_SOURCE, reason=reason, detail=detail, item="annotation"
@@ -163,7 +252,7 @@ def _refuse(where: str, reason: str, detail: str) -> QuarantineEntry:
 def _bbox_problem(bbox: object) -> str | None:
     if not isinstance(bbox, list | tuple) or len(bbox) != 4:
         return "invalid box (not 4 numbers)"
-    if not all_finite(bbox):
+    if not _no_overflow(all_finite, bbox):
         return "invalid box (not finite)"
     if bbox[2] <= 0 or bbox[3] <= 0:
         return "invalid box (empty or negative size)"
@@ -179,7 +268,16 @@ def _polygons(segmentation: object) -> tuple[tuple[tuple[float, ...], ...], str 
         return (), "invalid segmentation"
     polygons = []
     for polygon in segmentation:
-        if not (isinstance(polygon, list) and is_valid_polygon(polygon)):
+        if not (isinstance(polygon, list) and _no_overflow(is_valid_polygon, polygon)):
             return (), "invalid segmentation"
         polygons.append(tuple(float(v) for v in polygon))
     return tuple(polygons), None
+
+
+def _no_overflow(check: Callable[[list], bool], values: list) -> bool:
+    """``check(values)``, False for an int too large for a float: JSON allows any number
+    of digits, and ``math.isfinite`` raises OverflowError on such an int."""
+    try:
+        return check(values)
+    except OverflowError:
+        return False

@@ -47,7 +47,7 @@ import numpy as np
 
 from engine.config import EngineConfig, SpecialistConfig
 from engine.execution import StageError, run_units
-from engine.geometry import boxes_array, pairwise_iou
+from engine.geometry import pairwise_iou
 from engine.layout import MANIFEST, round_layout
 from engine.records import (
     HUMAN_PREFIX,
@@ -265,10 +265,12 @@ def merge_record(
         for region_index, region in enumerate(out.regions)
     ]
     candidates.sort(key=lambda c: -(c[2].score if c[2].score is not None else -1.0))
+    index = _KindIndex(regions)
     for out_index, region_index, region in candidates:
-        match = _best_match(region, regions, iou)
+        match = index.best_match(region, iou)
         if match is None:
             placed[(out_index, region_index)] = len(regions)
+            index.add(len(regions), region)
             regions.append(region)
             continue
         placed[(out_index, region_index)] = match
@@ -284,6 +286,7 @@ def merge_record(
             members = fused.setdefault(match, [(kept.box, _weight(kept))])
             members.append((region.box, _weight(region)))
             regions[match] = replace(kept, box=_weighted_box(members))
+            index.move(match, regions[match].box)
             counts.notes["region: box fused with a duplicate"] += 1
 
     phrases = list(base.phrases)
@@ -317,6 +320,8 @@ def _apply_region_texts(
     """Write region texts onto the matching ``regions``, in place (see the module rule)."""
     dropped = counts.dropped
     named: set[int] = set()  # regions that already took a region text
+    # Region texts change texts only: the boxes, and so this index, stay as they are.
+    kept_boxes = _KindIndex(regions)
     for name, output in region_texts:
         pairs = match_regions(output.regions, regions, iou)
         for text_index, index in pairs:
@@ -333,7 +338,7 @@ def _apply_region_texts(
         for text_index, text in enumerate(output.regions):
             if text_index in matched:
                 continue
-            if _best_match(text, regions, iou) is None:
+            if kept_boxes.best_match(text, iou) is None:
                 dropped["region text: no matching region"] += 1
             else:
                 # Its box was a duplicate, merged into a region that took the text
@@ -341,10 +346,46 @@ def _apply_region_texts(
                 dropped["region text: a closer box's text kept"] += 1
 
 
-def _best_match(region: Region, kept: list[Region], iou: float) -> int | None:
-    same_kind = [i for i, other in enumerate(kept) if other.kind == region.kind]
-    if not same_kind:
-        return None
-    overlaps = pairwise_iou(region.box, boxes_array([kept[i] for i in same_kind]))[0]
-    best = int(overlaps.argmax())
-    return same_kind[best] if float(overlaps[best]) >= iou else None
+class _KindIndex:
+    """The boxes of kept regions, per kind, in arrays that grow with them.
+
+    Finding a region's best match is then one vectorised IoU against the kept boxes of
+    its kind, where a pass over every kept region in Python (what this replaces) made
+    merging quadratic Python: 55 s for 8,000 boxes on one image. The result is the same:
+    the boxes are kept in ``regions`` order, so ties go to the earliest region.
+    """
+
+    def __init__(self, regions: Sequence[Region]) -> None:
+        # kind -> (boxes, with spare rows; how many rows are used; index in ``regions``
+        # of each used row).
+        self._kinds: dict[str, tuple[np.ndarray, int, list[int]]] = {}
+        # index in ``regions`` -> (kind, row).
+        self._rows: dict[int, tuple[str, int]] = {}
+        for position, region in enumerate(regions):
+            self.add(position, region)
+
+    def add(self, position: int, region: Region) -> None:
+        """Index ``region``, which is ``regions[position]``."""
+        boxes, used, positions = self._kinds.get(region.kind, (np.empty((8, 4)), 0, []))
+        if used == len(boxes):
+            # Doubling keeps the copies to O(n) in all.
+            boxes = np.concatenate([boxes, np.empty_like(boxes)])
+        boxes[used] = region.box
+        positions.append(position)
+        self._rows[position] = (region.kind, used)
+        self._kinds[region.kind] = (boxes, used + 1, positions)
+
+    def move(self, position: int, box: Box) -> None:
+        """Record that ``regions[position]`` now has ``box``."""
+        kind, row = self._rows[position]
+        self._kinds[kind][0][row] = box
+
+    def best_match(self, region: Region, iou: float) -> int | None:
+        """Index in ``regions`` of the kept region of ``region``'s kind with the highest
+        IoU with it, if that IoU is >= ``iou``; None otherwise."""
+        if region.kind not in self._kinds:
+            return None
+        boxes, used, positions = self._kinds[region.kind]
+        overlaps = pairwise_iou(region.box, boxes[:used])[0]
+        best = int(overlaps.argmax())
+        return positions[best] if float(overlaps[best]) >= iou else None
