@@ -296,8 +296,12 @@ class RefinePolicyConfig(_Section):
     validation_fraction: float = Field(default=0.5, gt=0, le=1)
     # A family with fewer validation images that have its truth is refused: no evidence.
     min_images: int = Field(default=20, ge=1)
-    # Accepted only when the student raises the family's figure by at least this much.
+    # Accepted only when the student raises the family's figure by at least this much,
+    # and does so in at least ``confidence`` of ``bootstrap`` resamples of the images (0:
+    # no resampling): on a few dozen images a gain of a few points can be luck.
     min_gain: float = Field(default=0.01, gt=0)
+    bootstrap: int = Field(default=100, ge=0)
+    confidence: float = Field(default=0.9, gt=0, le=1)
     # A student region scoring under this is not added (only confident ones are).
     min_score: float = Field(default=0.3, ge=0, le=1)
 

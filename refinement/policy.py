@@ -34,13 +34,16 @@ student caption replaces the machine caption of its kind (never a human one).
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from engine.config import EngineConfig, SpecialistConfig
+import numpy as np
+
+from engine.config import EngineConfig, RefinePolicyConfig, SpecialistConfig
 from engine.layout import MANIFEST, round_layout
 from engine.records import (
     HUMAN_PREFIX,
@@ -51,7 +54,8 @@ from engine.records import (
 )
 from engine.store import Store, kept_image_ids_by_unit
 from filters.regions import remap_phrases
-from refinement.metrics import Evaluation, evaluate
+from filters.text import text_stats
+from refinement.metrics import figure
 from refinement.student_data import is_validation
 from stages.filter import decide_record
 from stages.merge import MergeCounts, SpecialistMerge, merge_record, output_datasets, read_outputs
@@ -149,6 +153,8 @@ class FamilyDecision:
     student: float | None
     accepted: bool
     reason: str
+    # The share of bootstrap resamples of the images in which the student gained.
+    support: float | None = None
 
 
 @dataclass(slots=True)
@@ -240,15 +246,18 @@ def judge_student(
     decision = PolicyDecision(round_number, len(truth))
     if families:
         nlp = _caption_pipeline(config) if "captions" in families else None
-        before = _score(baselines, truth, config, nlp)
+        _parse_captions(truth, nlp)
+        before = _kept(baselines, config, nlp)
         for family, annotators in families.items():
             candidate = [
                 merge(copy.deepcopy(b), copy.deepcopy(outs), (), MergeCounts())
                 for b, outs in zip(baselines, outputs_by_family[family], strict=True)
             ]
-            after = _score(candidate, truth, config, nlp)
+            after = _kept(candidate, config, nlp)
+            names = [a.name for a in annotators]
+            seed = f"{round_number}/{family}"
             decision.families[family] = _decide(
-                family, [a.name for a in annotators], truth, before, after, config
+                family, names, truth, before, after, config, nlp, seed
             )
 
     accepted = {f for f, d in decision.families.items() if d.accepted}
@@ -338,32 +347,27 @@ def _annotated_in(
     return None
 
 
-def _score(
-    records: list[ImageRecord],
-    truth: list[ImageRecord],
-    config: EngineConfig,
-    nlp: Language | None,
-) -> Evaluation:
-    """``records`` as the round keeps them (through its filter), scored against ``truth``."""
+def _kept(
+    records: list[ImageRecord], config: EngineConfig, nlp: Language | None
+) -> list[ImageRecord]:
+    """``records`` as the round keeps them: caption statistics computed as the filter
+    stage computes them, then through the round's filter."""
+    _parse_captions(records, nlp)
     kept = []
     for record in records:
         result, _ = decide_record(record, config.filter)
         # A record the filter drops whole still stands for its image, with nothing on it.
         kept.append(result or replace(record, captions={}, regions=[], phrases=[]))
-    return evaluate(kept, truth, nlp)
+    return kept
 
 
-def family_figure(family: str, evaluation: Evaluation) -> float | None:
-    """The family's figure (``FIGURES``), None where the truth has nothing to score."""
-    if family == "objects":
-        return evaluation.box.ap50
-    if family == "captions":
-        f1s = [_f1(c.object_precision, c.object_recall) for c in evaluation.captions.values()]
-        f1s = [f for f in f1s if f is not None]
-        return sum(f1s) / len(f1s) if f1s else None
-    if family == "grounding":
-        return _f1(evaluation.grounding_precision.value, evaluation.grounding.value)
-    return evaluation.ocr.value
+def _parse_captions(records: list[ImageRecord], nlp: Language | None) -> None:
+    """Store the text statistics of every caption that has none (in place)."""
+    if nlp is None:
+        return
+    pending = [c for r in records for c in r.captions.values() if c.stats is None]
+    for caption, stats in zip(pending, text_stats(nlp, [c.text for c in pending]), strict=True):
+        caption.stats = stats
 
 
 def truth_images(family: str, truth: Iterable[ImageRecord]) -> int:
@@ -385,14 +389,22 @@ def _decide(
     family: str,
     annotators: list[str],
     truth: list[ImageRecord],
-    before: Evaluation,
-    after: Evaluation,
+    before: list[ImageRecord],
+    after: list[ImageRecord],
     config: EngineConfig,
+    nlp: Language | None,
+    seed: str,
 ) -> FamilyDecision:
+    """Accepted when the student raises the family's figure by ``min_gain`` on the
+    validation images, and does so in at least ``confidence`` of ``bootstrap`` resamples
+    of them (a paired bootstrap: a gain a few images make is not a gain)."""
     policy = config.refine.policy
     images = truth_images(family, truth)
-    parent, student = family_figure(family, before), family_figure(family, after)
-    figure = FIGURES[family]
+    name = FIGURES[family]
+    pairs_before = list(zip(truth, before, strict=True))
+    pairs_after = list(zip(truth, after, strict=True))
+    parent, student = figure(name, pairs_before, nlp), figure(name, pairs_after, nlp)
+    support = None
     if images < policy.min_images:
         accepted = False
         reason = (
@@ -400,21 +412,43 @@ def _decide(
             f"truth, needs {policy.min_images}"
         )
     elif student is None or parent is None:
-        accepted, reason = False, f"{figure} could not be measured on the held-out images"
+        accepted, reason = False, f"{name} could not be measured on the held-out images"
     else:
-        accepted = student - parent >= policy.min_gain
-        verdict = "raises" if accepted else "does not raise"
-        reason = (
-            f"{figure} {parent:.3f} -> {student:.3f} on {images} held-out images: "
-            f"{verdict} it by {policy.min_gain}"
-        )
-    return FamilyDecision(family, annotators, figure, images, parent, student, accepted, reason)
+        support = _support(pairs_before, pairs_after, name, nlp, policy, seed)
+        gain = student - parent
+        accepted = gain >= policy.min_gain and (support is None or support >= policy.confidence)
+        reason = f"{name} {parent:.3f} -> {student:.3f} on {images} held-out images"
+        if support is not None:
+            reason += f", a gain of {policy.min_gain} or more in {support:.0%} of resamples"
+        needed = f"needs a gain of {policy.min_gain}"
+        if policy.bootstrap:
+            needed += f" in {policy.confidence:.0%}"
+        reason += f": {'accepted' if accepted else needed}"
+    return FamilyDecision(
+        family, annotators, name, images, parent, student, accepted, reason, support
+    )
 
 
-def _f1(precision: float | None, recall: float | None) -> float | None:
-    if precision is None or recall is None:
+def _support(
+    before: list[tuple[ImageRecord, ImageRecord]],
+    after: list[tuple[ImageRecord, ImageRecord]],
+    name: str,
+    nlp: Language | None,
+    policy: RefinePolicyConfig,
+    seed: str,
+) -> float | None:
+    """The share of paired bootstrap resamples of the images in which the student's
+    figure is at least ``min_gain`` above the parent's (None without resamples)."""
+    if not policy.bootstrap:
         return None
-    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+    rng = np.random.default_rng(int(hashlib.sha256(seed.encode()).hexdigest()[:8], 16))
+    gains = []
+    for _ in range(policy.bootstrap):
+        chosen = rng.integers(0, len(before), len(before))
+        parent = figure(name, [before[i] for i in chosen], nlp)
+        student = figure(name, [after[i] for i in chosen], nlp)
+        gains.append(None if parent is None or student is None else student - parent)
+    return sum(g is not None and g >= policy.min_gain for g in gains) / policy.bootstrap
 
 
 def _caption_pipeline(config: EngineConfig) -> Language:

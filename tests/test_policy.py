@@ -178,6 +178,7 @@ def test_a_student_that_finds_the_missing_objects_is_accepted(tmp_path, world_st
     assert decision.validation_images == 6 and objects.images == 6
     assert objects.accepted, objects.reason
     assert objects.student > objects.parent + 0.2
+    assert objects.support == 1.0  # better in every bootstrap resample of the images
     assert decision.accepted([STUDENT_OD]) == [STUDENT_OD]
     assert read_policy(store, 1) == decision
     # The round's validation view is the parent's machine view with the student merged
@@ -201,7 +202,7 @@ def test_a_student_worse_than_the_round_is_refused_and_the_next_round_builds_on_
     decision = judge_student(store, config, 1, 0, {"u000"}, [STUDENT_OD])
 
     objects = decision.families["objects"]
-    assert not objects.accepted and "does not raise" in objects.reason
+    assert not objects.accepted and "needs a gain of 0.01 in 90%" in objects.reason
     assert decision.accepted([STUDENT_OD]) == []
     stored = json.loads(store.fs.cat_file(store.path(round_layout(1).policy)))
     assert stored["families"]["objects"]["accepted"] is False
@@ -214,6 +215,23 @@ def test_a_student_worse_than_the_round_is_refused_and_the_next_round_builds_on_
     second = judge_student(store, config, 2, 1, {"u000"}, [STUDENT_OD])
     assert second.families["objects"].parent == objects.parent
     assert second.families["objects"].accepted
+
+
+def test_a_gain_that_one_image_makes_is_not_taken(world_store):
+    store, truths = world_store
+    # The student finds the missing objects of one image and says nothing elsewhere.
+    outputs = [objects_of(t, STUDENT, 0.9) for t in truths[:1]]
+    outputs += [objects_of(t, STUDENT, 0.9, shift=500.0) for t in truths[1:]]
+    for out in outputs[1:]:
+        out.regions = []
+    store.commit_unit("u000", {round_layout(1).annotate("student_od"): annotation_table(outputs)})
+
+    decision = judge_student(store, policy_config(), 1, 0, {"u000"}, [STUDENT_OD])
+
+    objects = decision.families["objects"]
+    assert objects.student > objects.parent + 0.01  # the point figure gains
+    assert objects.support < 0.9 and not objects.accepted, objects.reason
+    assert "of resamples" in objects.reason
 
 
 def test_without_enough_human_labels_every_family_is_refused(tmp_path, world_store):

@@ -44,7 +44,7 @@ from engine.round_state import read_round_state
 from engine.store import Store
 from engine.world import generate_world, load_truth
 from refinement.evaluation import evaluate_step, quality_rows
-from refinement.metrics import evaluate
+from refinement.metrics import evaluate, format_value
 
 HUMAN_SEED = "human"
 
@@ -162,10 +162,17 @@ def main() -> int:
             execute(plan(steps, request), request)
         layout = round_layout(number)
         quality = store.read_json(layout.quality)
+        # The headline rows score the detailed caption; every kind is in the evaluation.
+        captions = quality["evaluations"]["filtered"]["captions"]
+        kinds = {
+            f"{kind} caption obj {side}": format_value(scores[f"object_{name}"])
+            for kind, scores in captions.items()
+            for side, name in (("P", "precision"), ("R", "recall"))
+        }
         results.append(
             {
                 "round": number,
-                "quality": {row[0]: row[-1] for row in quality["rows"]},
+                "quality": {**{row[0]: row[-1] for row in quality["rows"]}, **kinds},
                 "policy": store.read_json(layout.policy),
                 "churn": store.read_json(layout.churn),
                 "student": store.read_json(layout.student_report),
