@@ -7,6 +7,7 @@ overrides from the command line address any field by its dotted path
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -338,13 +339,11 @@ class EngineConfig(_Section):
     refine: RefineConfig = RefineConfig()
 
     # Kinds are checked from their names alone when a config is read, before any module
-    # is imported (specialists.check_kind_allowed); refine's annotator is allowed by the
-    # same annotate.allowed_modules.
+    # is imported (check_kind_allowed); refine's annotator is allowed by the same
+    # annotate.allowed_modules.
     @field_validator("annotate")
     @classmethod
     def _annotate_kinds_allowed(cls, annotate: AnnotateConfig) -> AnnotateConfig:
-        from specialists import check_kind_allowed
-
         for spec in annotate.specialists:
             check_kind_allowed(spec.kind, annotate.allowed_modules)
         return annotate
@@ -352,12 +351,33 @@ class EngineConfig(_Section):
     @field_validator("refine")
     @classmethod
     def _annotator_kind_allowed(cls, refine: RefineConfig, info: ValidationInfo) -> RefineConfig:
-        from specialists import check_kind_allowed
-
         annotate = info.data.get("annotate")  # absent when it failed its own validation
         if annotate is not None:
             check_kind_allowed(refine.annotator.kind, annotate.allowed_modules)
         return refine
+
+
+# The package of the engine's own specialists: its kinds need no listing.
+SPECIALISTS_PACKAGE = "specialists"
+
+
+def check_kind_allowed(kind: str, allowed_modules: Iterable[str]) -> None:
+    """ValueError unless ``kind`` is a registered name (no ``:``; an unknown one is
+    refused when the specialist is built) or a ``module:Class`` whose module is in the
+    specialists package or under one of ``allowed_modules`` (dotted package names).
+    Imports nothing: it runs before a config's modules may be."""
+    module_name, sep, _ = kind.partition(":")
+    if not sep:
+        return
+    if not all(part.isidentifier() for part in module_name.split(".")):
+        raise ValueError(f"specialist kind {kind!r}: {module_name!r} is not a module name")
+    packages = (SPECIALISTS_PACKAGE, *allowed_modules)
+    if not any(module_name == p or module_name.startswith(f"{p}.") for p in packages):
+        raise ValueError(
+            f"specialist kind {kind!r}: module {module_name!r} is outside the packages allowed "
+            f"to provide specialists {list(packages)}; a config is code: add its package to "
+            "annotate.allowed_modules to run it"
+        )
 
 
 def apply_override(data: dict[str, Any], override: str) -> None:

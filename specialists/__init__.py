@@ -7,8 +7,8 @@ library it does not need.
 
 Importing a module runs its code, so a config is code: a ``module:Class`` kind outside
 this package must be in a package the config lists in ``annotate.allowed_modules``.
-``check_kind_allowed`` decides that from the name alone, when the config is loaded,
-before anything is imported.
+``engine.config.check_kind_allowed`` decides that from the name alone, when the config
+is loaded, before anything is imported.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ import inspect
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
-
     from engine.config import SpecialistConfig
     from specialists.base import Specialist
 
@@ -37,24 +35,6 @@ KINDS = {
     "world_polygons": "specialists.world:BoxPolygonMaker",
     "world_shapes": "specialists.world:ShapeDetector",
 }
-
-
-def check_kind_allowed(kind: str, allowed_modules: Iterable[str]) -> None:
-    """ValueError unless ``kind`` is registered, or a ``module:Class`` whose module is in
-    this package or under one of ``allowed_modules`` (dotted package names). Imports
-    nothing: it runs before a config's modules may be."""
-    module_name, sep, _ = KINDS.get(kind, kind).partition(":")
-    if not sep:
-        return  # an unknown kind, refused by name when the specialist is checked
-    if not all(part.isidentifier() for part in module_name.split(".")):
-        raise ValueError(f"specialist kind {kind!r}: {module_name!r} is not a module name")
-    packages = (__name__, *allowed_modules)
-    if not any(module_name == p or module_name.startswith(f"{p}.") for p in packages):
-        raise ValueError(
-            f"specialist kind {kind!r}: module {module_name!r} is outside the packages allowed "
-            f"to provide specialists {list(packages)}; a config is code: add its package to "
-            "annotate.allowed_modules to run it"
-        )
 
 
 def specialist_class(kind: str) -> type[Specialist]:
