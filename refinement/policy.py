@@ -54,28 +54,18 @@ from engine.records import (
 )
 from engine.store import Store, kept_image_ids_by_unit
 from filters.regions import remap_phrases
-from filters.text import text_stats
+from filters.text import add_caption_stats
 from refinement.metrics import figure
 from refinement.student_data import is_validation
+from specialists import build_specialist
 from stages.filter import decide_record
 from stages.merge import MergeCounts, SpecialistMerge, merge_record, output_datasets, read_outputs
 
 if TYPE_CHECKING:
     from spacy.language import Language
 
-# The task family of each Florence-2 task the student can annotate.
-FAMILY_OF_TASK = {
-    "<OD>": "objects",
-    "<DENSE_REGION_CAPTION>": "objects",
-    "<REGION_PROPOSAL>": "objects",
-    "<CAPTION>": "captions",
-    "<DETAILED_CAPTION>": "captions",
-    "<MORE_DETAILED_CAPTION>": "captions",
-    "<CAPTION_TO_PHRASE_GROUNDING>": "grounding",
-    "<OCR>": "ocr",
-    "<OCR_WITH_REGION>": "ocr",
-}
-# The figure each family is judged by (refinement/metrics.py).
+# The figure each task family (what a specialist produces) is judged by
+# (refinement/metrics.py).
 FIGURES = {
     "objects": "box AP50",
     "captions": "caption object F1",
@@ -106,8 +96,9 @@ class StudentMerge:
         region_texts: Sequence[tuple[str, ImageRecord]],
         counts: MergeCounts,
     ) -> ImageRecord:
-        student = [out for out in outputs if self._from_student(out)]
-        specialists = [out for out in outputs if not self._from_student(out)]
+        student, specialists = [], []
+        for out in outputs:
+            (student if self._from_student(out) else specialists).append(out)
         record = merge_record(base, specialists, self.iou, counts, region_texts, self.fuse_boxes)
         student_kinds = {kind for out in student for kind in out.captions}
         captions = {
@@ -185,7 +176,11 @@ def student_merge(config: EngineConfig, students: Sequence[SpecialistConfig]) ->
 
 
 def family_of(annotator: SpecialistConfig) -> str:
-    return FAMILY_OF_TASK[annotator.options["task"]]
+    """The task family of a student annotator: what its Florence-2 task produces."""
+    (product,) = build_specialist(annotator).produces
+    if product not in FIGURES:
+        raise ValueError(f"{annotator.name}: the merge policy cannot judge {product}")
+    return product
 
 
 def read_policy(store: Store, round_number: int) -> PolicyDecision | None:
@@ -209,9 +204,10 @@ def judge_student(
     policy = config.refine.policy
     layout = round_layout(round_number)
     merge = student_merge(config, students)
+    family_of_student = [family_of(student) for student in students]
     families: dict[str, list[SpecialistConfig]] = {}
-    for student in students:
-        families.setdefault(family_of(student), []).append(student)
+    for student, family in zip(students, family_of_student, strict=True):
+        families.setdefault(family, []).append(student)
 
     truth: list[ImageRecord] = []
     baselines: list[ImageRecord] = []
@@ -238,7 +234,7 @@ def judge_student(
             by_family: dict[str, list[ImageRecord]] = {f: [] for f in families}
             for index, out in found[image_id]:
                 if out is not None:
-                    by_family[family_of(students[index])].append(out)
+                    by_family[family_of_student[index]].append(out)
             for family, outs in by_family.items():
                 outputs_by_family[family].append(outs)
             views_by_unit[unit].append((base[image_id], by_family))
@@ -246,7 +242,8 @@ def judge_student(
     decision = PolicyDecision(round_number, len(truth))
     if families:
         nlp = _caption_pipeline(config) if "captions" in families else None
-        _parse_captions(truth, nlp)
+        if nlp is not None:
+            add_caption_stats(nlp, truth)
         before = _kept(baselines, config, nlp)
         for family, annotators in families.items():
             candidate = [
@@ -352,22 +349,14 @@ def _kept(
 ) -> list[ImageRecord]:
     """``records`` as the round keeps them: caption statistics computed as the filter
     stage computes them, then through the round's filter."""
-    _parse_captions(records, nlp)
+    if nlp is not None:
+        add_caption_stats(nlp, records)
     kept = []
     for record in records:
         result, _ = decide_record(record, config.filter)
         # A record the filter drops whole still stands for its image, with nothing on it.
         kept.append(result or replace(record, captions={}, regions=[], phrases=[]))
     return kept
-
-
-def _parse_captions(records: list[ImageRecord], nlp: Language | None) -> None:
-    """Store the text statistics of every caption that has none (in place)."""
-    if nlp is None:
-        return
-    pending = [c for r in records for c in r.captions.values() if c.stats is None]
-    for caption, stats in zip(pending, text_stats(nlp, [c.text for c in pending]), strict=True):
-        caption.stats = stats
 
 
 def truth_images(family: str, truth: Iterable[ImageRecord]) -> int:

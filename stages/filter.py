@@ -31,7 +31,6 @@ from engine.execution import StageError, run_units
 from engine.layout import round_layout
 from engine.records import (
     DROPPED_SCHEMA,
-    Caption,
     ImageRecord,
     Phrase,
     Region,
@@ -42,7 +41,7 @@ from engine.store import Store
 from engine.summary import StageSummary
 from filters.grounding import decide_grounding
 from filters.regions import RecordDecision, decide_regions
-from filters.text import caption_decision, load_pipeline, text_stats
+from filters.text import add_caption_stats, caption_decision, load_pipeline
 
 
 def thresholds_digest(config: FilterConfig) -> str:
@@ -101,16 +100,8 @@ def score_unit(unit: FilterUnit) -> StageSummary:
     store = Store(unit.store_url)
     layout = round_layout(unit.round_number)
     records = records_from_table(store.read_unit(layout.merged, unit.key))
-    pending: list[Caption] = [
-        caption
-        for record in records
-        for caption in record.captions.values()
-        if caption.stats is None
-    ]
-    if pending:
-        stats = text_stats(_pipeline(unit.config.spacy_model), [c.text for c in pending])
-        for caption, caption_stats in zip(pending, stats, strict=True):
-            caption.stats = caption_stats
+    if any(c.stats is None for record in records for c in record.captions.values()):
+        add_caption_stats(_pipeline(unit.config.spacy_model), records)
     store.commit_unit(unit.key, {layout.scored: records_to_table(records)})
     return StageSummary("filter: score", inputs=len(records), outputs=len(records))
 

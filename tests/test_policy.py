@@ -163,7 +163,11 @@ def world_store(tmp_path) -> tuple[Store, list[ImageRecord]]:
     return store, truths
 
 
-STUDENT_OD = SpecialistConfig(name="student_od", kind="florence2", options={"task": "<OD>"})
+# As refine makes them (refinement.refine.student_annotators): the round's model, a task.
+MODEL = "file:///store/rounds/r001/model"
+STUDENT_OD = SpecialistConfig(
+    name="student_od", kind="florence2", model=MODEL, options={"task": "<OD>"}
+)
 
 
 def test_a_student_that_finds_the_missing_objects_is_accepted(tmp_path, world_store):
@@ -240,7 +244,7 @@ def test_without_enough_human_labels_every_family_is_refused(tmp_path, world_sto
     outputs = [objects_of(t, STUDENT, 0.9) for t in truths]
     store.commit_unit("u000", {round_layout(1).annotate("student_od"): annotation_table(outputs)})
     caption = SpecialistConfig(
-        name="student_caption", kind="florence2", options={"task": "<CAPTION>"}
+        name="student_caption", kind="florence2", model=MODEL, options={"task": "<CAPTION>"}
     )
     captions = [
         dataclasses.replace(t, captions={"brief": Caption("A shape.", "student_caption:m")},
