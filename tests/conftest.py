@@ -1,8 +1,11 @@
+import uuid
+
 import pytest
 import torch
 
 from engine.config import RayConfig
 from engine.execution import ray_session
+from engine.store import Store
 
 
 @pytest.fixture(scope="session")
@@ -21,3 +24,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=["file", "memory"])
+def store(request, tmp_path):
+    """A store on local disk, then the same tests on ``memory://``: an object store in
+    miniature, with no atomic rename and no conditional write. Modules with stores of
+    their own define their own ``store``."""
+    if request.param == "file":
+        return Store(f"file://{tmp_path}/store")
+    return Store(f"memory://store-{uuid.uuid4().hex}")

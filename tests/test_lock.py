@@ -4,19 +4,10 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 
 import pytest
 
-from engine.store import Store
 from refinement.lock import LockHeld, StoreLock, read_leases
-
-
-@pytest.fixture(params=["local", "memory"])
-def store(request, tmp_path):
-    # memory:// is an object store in miniature: no atomic rename, no conditional write.
-    url = str(tmp_path / "store") if request.param == "local" else f"memory://{uuid.uuid4().hex}"
-    return Store(url)
 
 
 def test_a_second_holder_is_refused_with_who_and_since(store):

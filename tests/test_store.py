@@ -1,17 +1,8 @@
-import uuid
-
 import pyarrow as pa
 import pytest
 
 from engine.records import Caption, ImageRecord, Region, records_to_table
 from engine.store import Store, kept_image_ids_by_unit, manifest_view
-
-
-@pytest.fixture(params=["file", "memory"])
-def store(request, tmp_path):
-    if request.param == "file":
-        return Store(f"file://{tmp_path}/store")
-    return Store(f"memory://store-{uuid.uuid4().hex}")
 
 
 def table(ids):

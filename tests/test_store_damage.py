@@ -2,7 +2,6 @@
 one line, and the stage that writes it sees its unit as not committed and redoes it."""
 
 import json
-import uuid
 
 import pyarrow as pa
 import pytest
@@ -16,13 +15,6 @@ from stages.filter import run_filter
 from tests.inputs import encode, photo
 
 CONFIG = load_config("engine/configs/test.yaml")
-
-
-@pytest.fixture(params=["file", "memory"])
-def store(request, tmp_path):
-    if request.param == "file":
-        return Store(f"file://{tmp_path}/store")
-    return Store(f"memory://store-{uuid.uuid4().hex}")
 
 
 def table(ids):
