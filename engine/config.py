@@ -84,6 +84,10 @@ class SpecialistConfig(_Section):
     # bfloat16 halves memory and doubles matmul speed on GPUs that have it; CPUs want float32.
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     batch_size: int = Field(default=8, ge=1)
+    # A batch with no answer after this long is given up on: the actor is restarted and
+    # the unit narrowed down to the image that hangs it (stages/annotate.py). Generous,
+    # as a first batch may compile kernels or a large model may run on a CPU.
+    batch_timeout_s: float = Field(default=900.0, gt=0)
     # Resources of one actor. Fractions pack several small models on one GPU; a fractional
     # CPU keeps actors from starving the decode and write tasks on small machines.
     num_cpus: float = Field(default=0.5, gt=0)
@@ -101,6 +105,10 @@ class AnnotateConfig(_Section):
     allowed_modules: tuple[str, ...] = ()
     # Decoded units queued per actor: enough to keep a GPU busy, few enough to bound memory.
     prefetch_units: int = Field(default=2, ge=1)
+    # Images on which one specialist may take its process down (crash, exit, hang) in one
+    # stage, each recorded with the cause; one more and the stage stops, since by then the
+    # model or its machine, not the images, is the likely fault.
+    max_crashed_images: int = Field(default=10, ge=0)
 
     @field_validator("specialists")
     @classmethod

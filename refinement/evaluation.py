@@ -31,7 +31,7 @@ def round_quality(
 ) -> dict[str, Evaluation]:
     """A round scored against the truth at three points: every specialist's raw output
     together (no deduplication), after merge, and after filter."""
-    from stages.annotate import attach
+    from stages.annotate_worker import attach
 
     layout = round_layout(round_number)
     manifest = manifest_view(store.read(MANIFEST, columns=RECORD_SCHEMA.names))

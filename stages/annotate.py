@@ -3,47 +3,38 @@
 Work is cut into the manifest's units. For each (specialist, unit) a CPU task reads the
 unit's images, decodes them and attaches what the specialist needs from earlier
 specialists (captions for a grounder, boxes for a segmenter); the decoded unit goes to
-the least busy actor of that specialist's pool, which annotates it in batches and
-commits ``rounds/rNNN/annotate/<name>/part-<unit>.parquet`` with scores and lineage.
-Decoding thus happens off the model's critical path, prefetched while the actor works.
+an idle actor of that specialist's pool, which annotates it in batches and commits
+``rounds/rNNN/annotate/<name>/part-<unit>.parquet`` with scores and lineage
+(stages/annotate_worker.py). Decoding thus happens off the model's critical path,
+prefetched while the actors work.
 
 Specialists run in levels: one that needs a product (``captions``, ``objects``...)
 runs after every specialist that produces it; those of one level run together, so
-small models share GPUs by their fractions. An image that makes a model fail is
-recorded with its error and the rest of the batch goes on; a CUDA out-of-memory error
-retries the batch at half the size.
-"""
+small models share GPUs by their fractions. An image that makes a model raise is
+recorded with its error by the actor. An image that takes the process down (a segfault,
+an exit, a batch that hangs past ``batch_timeout_s``) is found here: the actor is
+restarted and the unit retried in halves down to that image, which is recorded with the
+cause, so the stage still ends complete in one run."""
 
 from __future__ import annotations
 
-import io
 import sys
 import time
 from collections import deque
-from collections.abc import Collection, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
 
-import numpy as np
-import pyarrow as pa
 import ray
-from PIL import Image
 from tqdm import tqdm
 
 from engine.config import EngineConfig, SpecialistConfig
 from engine.execution import StageError, check_fits
-from engine.layout import MANIFEST, round_layout
-from engine.records import (
-    ANNOTATION_SCHEMA,
-    IMAGE_COLUMN,
-    RECORD_SCHEMA,
-    ImageRecord,
-    records_from_table,
-    records_to_table,
-)
+from engine.layout import round_layout
 from engine.store import Store, kept_image_ids_by_unit
 from engine.summary import StageSummary
 from specialists import build_specialist
-from specialists.base import Annotations, Specialist, SpecialistInput
+from specialists.base import Specialist
+from stages.annotate_worker import BatchTimedOut, Result, SpecialistActor, describe, prepare_unit
 
 
 def specialist_levels(specialists: dict[str, Specialist]) -> list[list[str]]:
@@ -117,152 +108,148 @@ def run_annotate(
     return summary
 
 
-@dataclass(frozen=True, slots=True)
-class PreparedUnit:
+@dataclass(eq=False)
+class _UnitJob:
+    """One unit of one specialist, and what is known of its images while parts run."""
+
     unit: str
-    records: list[ImageRecord]
-    # Decoded RGB pixels, one array per record: numpy travels through Ray's object store
-    # without a copy into the actor.
-    pixels: list[np.ndarray]
+    size: int
+    prepared: ray.ObjectRef
+    results: dict[int, Result] = field(default_factory=dict)
+    open_calls: int = 0
+    failed: bool = False
 
 
-def prepare_unit(
-    store_url: str, unit: str, image_ids: Sequence[str], upstream: Sequence[str]
-) -> PreparedUnit:
-    """Read and decode one unit's images and attach the upstream specialists' output."""
-    store = Store(store_url)
-    table = store.read_unit(MANIFEST, unit, columns=[*RECORD_SCHEMA.names, IMAGE_COLUMN])
-    wanted = set(image_ids)
-    records, pixels = [], []
-    by_id = {}
-    for record, jpeg in zip(
-        records_from_table(table), table.column(IMAGE_COLUMN).to_pylist(), strict=True
-    ):
-        if record.image_id in wanted and record.image_id not in by_id:
-            by_id[record.image_id] = record
-            records.append(record)
-            with Image.open(io.BytesIO(jpeg)) as image:
-                pixels.append(np.asarray(image.convert("RGB")))
-    for dataset in upstream:
-        if not store.is_committed(dataset, unit):
-            continue
-        for extra in records_from_table(store.read_unit(dataset, unit)):
-            if extra.image_id in by_id:
-                attach(by_id[extra.image_id], extra)
-    return PreparedUnit(unit, records, pixels)
+@dataclass(frozen=True, eq=False)
+class _Call:
+    job: _UnitJob
+    # None: the whole unit (less the images already known), annotated and committed by
+    # the actor. Otherwise a part of the unit, annotated and handed back uncommitted.
+    indices: tuple[int, ...] | None = None
 
 
-def attach(record: ImageRecord, extra: ImageRecord) -> None:
-    """Add another source's annotations to a record: captions fill missing kinds only
-    (the labels an image came with come first), regions and phrases are appended."""
-    for kind, caption in extra.captions.items():
-        record.captions.setdefault(kind, caption)
-    offset = len(record.regions)
-    record.regions.extend(extra.regions)
-    for phrase in extra.phrases:
-        phrase.regions = [offset + index for index in phrase.regions]
-        record.phrases.append(phrase)
+class _Pool:
+    """One specialist's actors and its work: whole units first, then, for a unit whose
+    call took the process down (a crash, an exit, a hung batch), the halves of that unit,
+    then their halves, down to the image that does it, which is recorded with the cause.
+    Each actor runs one call at a time, so the call that was running when the process
+    died is the one to blame; decoding runs ahead in tasks of its own."""
 
+    def __init__(
+        self,
+        spec: SpecialistConfig,
+        store_url: str,
+        round_number: int,
+        units: list[str],
+        open_unit: Callable[[str], _UnitJob],
+        config: EngineConfig,
+    ) -> None:
+        self.spec = spec
+        # A lost process is replaced by a new actor rather than restarted by Ray: calls
+        # sent to a restarting actor fail, while a new one queues them until it is up.
+        actor_class = ray.remote(num_cpus=spec.num_cpus, num_gpus=spec.num_gpus)(SpecialistActor)
+        self.new_actor = lambda: actor_class.remote(spec, store_url, round_number)
+        self.actors = [self.new_actor() for _ in range(spec.pool_size)]
+        self.idle = set(range(spec.pool_size))
+        self.units = deque(units)
+        self.open_unit = open_unit
+        self.calls: deque[_Call] = deque()
+        self.open_jobs = 0
+        self.max_open_jobs = spec.pool_size * config.annotate.prefetch_units
+        self.max_crashed = config.annotate.max_crashed_images
+        self.crashed: list[str] = []
 
-class SpecialistActor:
-    """Holds one loaded specialist; annotates whole units and commits their parts."""
+    def next_call(self) -> _Call | None:
+        while self.units and self.open_jobs < self.max_open_jobs:
+            job = self.open_unit(self.units.popleft())
+            job.open_calls = 1
+            self.open_jobs += 1
+            self.calls.append(_Call(job))
+        return self.calls.popleft() if self.calls else None
 
-    def __init__(self, config: SpecialistConfig, store_url: str, round_number: int) -> None:
-        self.config = config
-        self.store = Store(store_url)
-        self.round_number = round_number
-        self.dataset = round_layout(round_number).annotate(config.name)
-        self.specialist = build_specialist(config)
-        self.specialist.setup()
+    def submit(self, actor_index: int, call: _Call) -> ray.ObjectRef:
+        self.idle.discard(actor_index)
+        actor = self.actors[actor_index]
+        if call.indices is None:
+            return actor.run_unit.remote(call.job.prepared, call.job.results or None)
+        return actor.annotate_images.remote(call.job.prepared, call.indices)
 
-    def run_unit(self, prepared: PreparedUnit) -> StageSummary:
-        items = [
-            SpecialistInput(record, Image.fromarray(pixels))
-            for record, pixels in zip(prepared.records, prepared.pixels, strict=True)
-        ]
-        summary = StageSummary("annotate", inputs=len(items))
-        results = annotate_resilient(self.specialist, items, self.config.batch_size, summary)
-        rows = []
-        for item, (found, error) in zip(items, results, strict=True):
-            row = self._stamp(item.record, found or Annotations())
-            rows.append((row, error))
-        table = _annotation_table(rows)
-        self.store.commit_unit(prepared.unit, {self.dataset: table})
-        summary.outputs = sum(1 for _, error in rows if error is None)
-        return summary
-
-    def _stamp(self, record: ImageRecord, annotations: Annotations) -> ImageRecord:
-        """The specialist's output as a record of its own, every annotation with lineage."""
-        source = self.specialist.source
-        for part in (*annotations.captions.values(), *annotations.regions, *annotations.phrases):
-            part.source = part.source or source
-            part.round = self.round_number
-        return replace(
-            record,
-            captions=annotations.captions,
-            regions=annotations.regions,
-            phrases=annotations.phrases,
-        )
-
-
-def annotate_resilient(
-    specialist: Specialist,
-    items: list[SpecialistInput],
-    batch_size: int,
-    summary: StageSummary,
-) -> list[tuple[Annotations | None, str | None]]:
-    """Annotate ``items`` in batches; per item, its annotations or the error it caused.
-
-    Out of memory: halve the batch and go on (down to one image). Any other failure:
-    rerun that batch image by image, so one bad image costs only itself.
-    """
-    results: list[tuple[Annotations | None, str | None]] = []
-    start, size = 0, batch_size
-    while start < len(items):
-        batch = items[start : start + size]
+    def finish(
+        self, actor_index: int, call: _Call, ref: ray.ObjectRef, summary: StageSummary
+    ) -> str | None:
+        """Take a call's outcome; the unit's failure, if the call failed it."""
+        self.idle.add(actor_index)
+        job = call.job
+        job.open_calls -= 1
         try:
-            results.extend((a, None) for a in _checked(specialist, batch))
-            start += len(batch)
+            value = ray.get(ref)
         except Exception as exc:
-            if _is_out_of_memory(exc) and size > 1:
-                size = max(1, size // 2)
-                summary.notes[f"batch halved after out of memory (to {size})"] += 1
-                _free_accelerator_memory()
-                continue
-            for item in batch:
-                try:
-                    results.append((_checked(specialist, [item])[0], None))
-                except Exception as single:
-                    error = f"{type(single).__name__}: {single}".splitlines()[0][:500]
-                    summary.dropped[f"model failed: {type(single).__name__}"] += 1
-                    results.append((None, error))
-                    _free_accelerator_memory()
-            start += len(batch)
-    return results
+            if getattr(exc, "actor_init_failed", False):
+                raise StageError(f"annotate: {self.spec.name} cannot start: {exc}") from None
+            lost = self._process_lost(actor_index, exc, summary)
+            if job.failed:
+                return None  # the unit's failure is already reported
+            if lost is None:
+                job.failed = True
+                cause = getattr(exc, "cause", None) or exc
+                return f"{self.spec.name}/{job.unit}: {describe(cause)}"
+            self._narrow_down(call, lost)
+        else:
+            if call.indices is None:
+                summary.add(value)
+                summary.units_run += 1
+                return None
+            job.results.update(zip(call.indices, value, strict=True))
+        if job.open_calls == 0 and not job.failed:
+            job.open_calls = 1
+            self.calls.appendleft(_Call(job))
+        return None
 
+    def job_done(self, call: _Call) -> bool:
+        done = call.job.open_calls == 0
+        if done:
+            self.open_jobs -= 1
+        return done
 
-def _checked(specialist: Specialist, batch: list[SpecialistInput]) -> list[Annotations]:
-    out = specialist.annotate(batch)
-    if len(out) != len(batch):
-        raise RuntimeError(f"{type(specialist).__name__} returned {len(out)} for {len(batch)}")
-    return out
+    def _process_lost(self, actor_index: int, exc: Exception, summary: StageSummary) -> str | None:
+        """Why the call's process was lost (it died, or a batch hung and the actor is
+        restarted here), as stored with an image; None for an ordinary error."""
+        cause = getattr(exc, "cause", None)
+        if isinstance(exc, ray.exceptions.ActorDiedError):
+            lost = (
+                "ProcessDied: the specialist's process died on this image alone "
+                "(a crash in native code, an abort or an exit)"
+            )
+            note = "its process died"
+        elif isinstance(cause, BatchTimedOut):
+            lost, note = f"{describe(cause)} on this image alone", "a batch hung"
+        else:
+            return None
+        ray.kill(self.actors[actor_index])
+        self.actors[actor_index] = self.new_actor()
+        summary.notes[f"{self.spec.name}: actor restarted after {note}"] += 1
+        return lost
 
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    # torch.cuda.OutOfMemoryError, without importing torch for specialists that have none.
-    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
-
-
-def _free_accelerator_memory() -> None:
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def _annotation_table(rows: list[tuple[ImageRecord, str | None]]) -> pa.Table:
-    table = records_to_table([record for record, _ in rows])
-    errors = [error for _, error in rows]
-    return table.append_column(ANNOTATION_SCHEMA.field("error"), pa.array(errors, pa.string()))
+    def _narrow_down(self, call: _Call, lost: str) -> None:
+        job = call.job
+        indices = call.indices
+        if indices is None:
+            indices = tuple(i for i in range(job.size) if i not in job.results)
+        if len(indices) == 1:
+            job.results[indices[0]] = (None, lost)
+            self.crashed.append(f"{job.unit} image {indices[0]}: {lost}")
+            if len(self.crashed) > self.max_crashed:
+                raise StageError(
+                    f"annotate: {self.spec.name} lost its process on {len(self.crashed)} images "
+                    f"(annotate.max_crashed_images={self.max_crashed}); the model, not the "
+                    f"images, looks broken: {'; '.join(self.crashed[:3])}"
+                )
+            return
+        # An empty call was the commit of a unit whose images are all known: again.
+        halves = [indices[: len(indices) // 2], indices[len(indices) // 2 :]] if indices else [()]
+        for part in reversed(halves):
+            self.calls.appendleft(_Call(job, part) if part else _Call(job))
+        job.open_calls += len(halves)
 
 
 def _run_level(
@@ -282,54 +269,47 @@ def _run_level(
         gpus=sum(s.num_gpus * s.pool_size for s in specs),
     )
     prepare = ray.remote(num_cpus=config.ray.task_cpus)(prepare_unit)
-    queues: dict[str, deque[str]] = {}
-    pools: dict[str, list] = {}
-    busy: dict[str, list[int]] = {}
+    pools: dict[str, _Pool] = {}
     for spec in specs:
         dataset = round_layout(round_number).annotate(spec.name)
         pending_units = [u for u in units if not store.is_committed(dataset, u)]
         summary.units_skipped += len(units) - len(pending_units)
         if not pending_units:
             continue
-        actor_class = ray.remote(num_cpus=spec.num_cpus, num_gpus=spec.num_gpus)(SpecialistActor)
-        pools[spec.name] = [
-            actor_class.remote(spec, store.url, round_number) for _ in range(spec.pool_size)
-        ]
-        busy[spec.name] = [0] * spec.pool_size
-        queues[spec.name] = deque(pending_units)
 
-    # Each actor holds at most prefetch_units units: one being annotated, the rest decoded
-    # and waiting, so the model never waits for the decoder and memory stays bounded.
-    in_flight: dict = {}
+        def open_unit(unit: str, name: str = spec.name) -> _UnitJob:
+            ref = prepare.remote(store.url, unit, units[unit], upstream[name])
+            return _UnitJob(unit, len(units[unit]), ref)
+
+        pools[spec.name] = _Pool(spec, store.url, round_number, pending_units, open_unit, config)
+
+    in_flight: dict[ray.ObjectRef, tuple[_Pool, int, _Call]] = {}
     failures: list[str] = []
-    total = sum(len(q) for q in queues.values())
+    total = sum(len(pool.units) for pool in pools.values())
     names = ", ".join(s.name for s in specs)
-    with tqdm(total=total, desc=f"annotate [{names}]", unit="unit", file=sys.stderr) as bar:
-        while True:
-            for name, queue in queues.items():
-                while queue and min(busy[name]) < config.annotate.prefetch_units:
-                    unit = queue.popleft()
-                    actor_index = busy[name].index(min(busy[name]))
-                    prepared = prepare.remote(store.url, unit, units[unit], upstream[name])
-                    ref = pools[name][actor_index].run_unit.remote(prepared)
-                    in_flight[ref] = (name, unit, actor_index)
-                    busy[name][actor_index] += 1
-            if not in_flight:
-                break
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
-            name, unit, actor_index = in_flight.pop(ready[0])
-            busy[name][actor_index] -= 1
-            try:
-                summary.add(ray.get(ready[0]))
-                summary.units_run += 1
-            except Exception as exc:
-                cause = getattr(exc, "cause", None) or exc
-                failures.append(f"{name}/{unit}: {type(cause).__name__}: {cause}".splitlines()[0])
-            bar.update(1)
-            bar.set_postfix(images=summary.inputs)
-    for actors in pools.values():
-        for actor in actors:
-            ray.kill(actor)
+    try:
+        with tqdm(total=total, desc=f"annotate [{names}]", unit="unit", file=sys.stderr) as bar:
+            while True:
+                for pool in pools.values():
+                    for actor_index in sorted(pool.idle):
+                        call = pool.next_call()
+                        if call is None:
+                            break
+                        in_flight[pool.submit(actor_index, call)] = (pool, actor_index, call)
+                if not in_flight:
+                    break
+                ready, _ = ray.wait(list(in_flight), num_returns=1)
+                pool, actor_index, call = in_flight.pop(ready[0])
+                failure = pool.finish(actor_index, call, ready[0], summary)
+                if failure:
+                    failures.append(failure)
+                if pool.job_done(call):
+                    bar.update(1)
+                    bar.set_postfix(images=summary.inputs)
+    finally:
+        for pool in pools.values():
+            for actor in pool.actors:
+                ray.kill(actor)
     if failures:
         raise StageError(
             f"annotate: {len(failures)} units failed (rerun to retry them): "

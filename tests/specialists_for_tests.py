@@ -3,6 +3,12 @@ with a healthy model. Importable by Ray workers (tests is a package)."""
 
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
+import threading
+import time
+
 import torch
 
 from engine.config import SpecialistConfig
@@ -73,4 +79,43 @@ class QuarterDetector(Specialist):
         for item in batch:
             box = (0.0, 0.0, item.image.width / 2, item.image.height / 2)
             out.append(Annotations(regions=[Region(box, "thing", "object", "", score=0.5)]))
+        return out
+
+
+class FaultyCaptioner(Specialist):
+    """Captions each image with its file name and fails on purpose by name: raises on
+    "raise", calls ``sys.exit`` on "exit", segfaults on "crash", hangs on "hang".
+
+    With ``busy_file`` it appends its process id to that file as each batch starts, and
+    ``seconds_per_image`` slows it down, so a test can kill the process mid-batch."""
+
+    produces = frozenset({"captions"})
+
+    def __init__(
+        self, config: SpecialistConfig, busy_file: str = "", seconds_per_image: float = 0.0
+    ) -> None:
+        super().__init__(config)
+        self.busy_file = busy_file
+        self.seconds_per_image = seconds_per_image
+
+    def setup(self) -> None:
+        pass
+
+    def annotate(self, batch: list[SpecialistInput]) -> list[Annotations]:
+        if self.busy_file:
+            with open(self.busy_file, "a") as busy:
+                busy.write(f"{os.getpid()}\n")
+        out = []
+        for item in batch:
+            name = item.record.uri.rsplit("/", 1)[-1]
+            if "raise" in name:
+                raise ValueError(f"cannot read {name}")
+            if "exit" in name:
+                sys.exit(3)
+            if "crash" in name:
+                ctypes.string_at(0)  # reads address 0: a segfault in native code
+            if "hang" in name:
+                threading.Event().wait()
+            time.sleep(self.seconds_per_image)
+            out.append(Annotations(captions={"brief": Caption(name, source="", score=0.5)}))
         return out
