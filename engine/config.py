@@ -322,8 +322,6 @@ class RefineConfig(_Section):
     # annotator entry gives their resources and batching (model and task are the round's).
     annotate_tasks: list[str] = ["<OD>", "<MORE_DETAILED_CAPTION>"]
     annotator: SpecialistConfig = SpecialistConfig(name="student", kind="florence2")
-    # A refine that stops renewing its lease for this long is taken over by the next one.
-    lock_ttl_s: float = Field(default=300.0, gt=0)
 
 
 class ReportConfig(_Section):
@@ -334,6 +332,9 @@ class ReportConfig(_Section):
 
 class EngineConfig(_Section):
     store: str | None = None
+    # A run that stops renewing its lease on the store (engine/lock.py) for this long is
+    # taken over by the next; on its own host, a run whose process is gone at once.
+    lock_ttl_s: float = Field(default=300.0, gt=0)
     ray: RayConfig = RayConfig()
     ingest: IngestConfig = IngestConfig()
     annotate: AnnotateConfig = AnnotateConfig()

@@ -2,7 +2,7 @@
 
     manifest/                      ingest: one row per unique image (+ human labels)
     quarantine/                    refused inputs, with the reason
-    locks/<name>/<owner>.json      lease claims (one refine per store at a time)
+    locks/<name>/<owner>.json      lease claims (one writing run per store at a time)
     rounds/rNNN/round.json         the round's state: running | committed, steps done
     rounds/rNNN/annotate/<name>/   a specialist's raw output, with scores
     rounds/rNNN/merged/            one record per image, every source merged
@@ -29,8 +29,8 @@ from dataclasses import dataclass
 MANIFEST = "manifest"
 QUARANTINE = "quarantine"
 LOCKS = "locks"
-# The lease a refinement round holds: one refine per store at a time.
-REFINE_LOCK = "refine"
+# The lease every writing run holds: one run writes to a store at a time.
+WRITE_LOCK = "write"
 # Beside a round's model: what its training and image check found.
 STUDENT_REPORT = "student.json"
 ROUNDS = "rounds"

@@ -15,11 +15,13 @@ The registry is ``STEPS``; ``ROUND`` is the order ``--stage all`` runs.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from engine.config import ConfigError, EngineConfig
 from engine.execution import StageError, ray_session
+from engine.layout import WRITE_LOCK
+from engine.lock import LockHeld, StoreLock
 from engine.round_state import commit_round, config_digest, record_step
 from engine.store import Store
 from engine.summary import StageSummary
@@ -57,6 +59,11 @@ class Step:
     in_round: bool = True
     # Runs its work on Ray (the trainer runs in this process, or under torchrun).
     uses_ray: bool = True
+    # Writes to the store, so the run holds the store's write lease while it works: two
+    # runs writing one store would do all the work twice and read each other's parts
+    # half-written. Refine holds the lease itself, to check it between its steps; the
+    # trainer writes only its own output folder, from every torchrun rank.
+    holds_lease: bool = True
 
 
 @dataclass(frozen=True)
@@ -207,9 +214,9 @@ STEPS: dict[str, Step] = {
         Step("export", _plan_export),
         Step("report", _plan_report),
         # A whole refinement round; it keeps its own round's state step by step.
-        Step("refine", _plan_refine, in_round=False),
-        Step("train", _plan_train, in_round=False, uses_ray=False),
-        Step("status", _plan_status, in_round=False, uses_ray=False),
+        Step("refine", _plan_refine, in_round=False, holds_lease=False),
+        Step("train", _plan_train, in_round=False, uses_ray=False, holds_lease=False),
+        Step("status", _plan_status, in_round=False, uses_ray=False, holds_lease=False),
     )
 }
 # One round from the specialists, in order: what ``--stage all`` runs.
@@ -231,14 +238,15 @@ def plan(steps: Sequence[Step], request: Request) -> list[Planned]:
 def execute(
     planned: Sequence[Planned], request: Request, echo: Callable[[str], None] | None = print
 ) -> list[StageSummary]:
-    """Run planned steps in order (on Ray when any needs it), printing each summary with
-    ``echo``, recording round steps in the round's state and committing the round once
-    its report ends after its export. A ``StageError`` stops the run."""
+    """Run planned steps in order (on Ray when any needs it) under the store's write lease
+    when any writes, printing each summary with ``echo``, recording round steps in the
+    round's state and committing the round once its report ends after its export. A
+    ``StageError`` stops the run; a lease held by another run is one."""
     uses_ray = any(p.step.uses_ray for p in planned)
     session = ray_session(request.config.ray) if uses_ray else contextlib.nullcontext()
     digest = config_digest(request.config)
     summaries = []
-    with session:
+    with _write_lease(planned, request, echo), session:
         for item in planned:
             summary = item.work()
             summaries.append(summary)
@@ -247,6 +255,24 @@ def execute(
             if item.step.in_round and request.store is not None:
                 _record(request.store, _round(request), item.step.name, digest)
     return summaries
+
+
+@contextlib.contextmanager
+def _write_lease(
+    planned: Sequence[Planned], request: Request, echo: Callable[[str], None] | None
+) -> Iterator[None]:
+    if request.store is None or not any(p.step.holds_lease for p in planned):
+        yield
+        return
+    try:
+        with StoreLock(request.store, WRITE_LOCK, ttl_s=request.config.lock_ttl_s) as lock:
+            for lease in lock.taken_over:
+                if echo is not None:
+                    echo(f"took over the store's lease from a run that stopped: {lease.describe()}")
+            yield
+            lock.check()  # a lost lease means another run may have written meanwhile
+    except LockHeld as exc:
+        raise StageError(f"store lease: {exc}") from None
 
 
 def _record(store: Store, number: int, step: str, digest: str) -> None:

@@ -30,7 +30,8 @@ from collections.abc import Callable
 
 from engine.config import EngineConfig, SpecialistConfig
 from engine.execution import StageError
-from engine.layout import MANIFEST, REFINE_LOCK, round_layout
+from engine.layout import MANIFEST, WRITE_LOCK, round_layout
+from engine.lock import LockHeld, StoreLock
 from engine.round_state import (
     RoundState,
     commit_round,
@@ -43,7 +44,6 @@ from engine.round_state import (
 from engine.store import Store, records_dataset
 from engine.summary import StageSummary
 from refinement.churn import write_churn
-from refinement.lock import LockHeld, StoreLock
 from refinement.policy import judge_student, read_policy, student_merge
 from refinement.student import StudentReport, init_source, train_student
 
@@ -105,7 +105,7 @@ def run_refine(
     """
     parent = parent_round(store, config, round_number)
     try:
-        with StoreLock(store, REFINE_LOCK, ttl_s=config.refine.lock_ttl_s) as lock:
+        with StoreLock(store, WRITE_LOCK, ttl_s=config.lock_ttl_s) as lock:
             return _refine(store, config, round_number, parent, lock, round_steps, echo)
     except LockHeld as exc:
         raise StageError(f"refine: {exc}") from exc

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import time
 
-from engine.layout import MANIFEST, REFINE_LOCK, round_layout
+from engine.layout import MANIFEST, WRITE_LOCK, round_layout
+from engine.lock import is_live, read_leases
 from engine.round_state import read_round_state, started_rounds
 from engine.store import Store, records_dataset
 from engine.summary import StageSummary
-from refinement.lock import read_leases
 from stages.report_rounds import QUALITY_ROWS as REPORT_QUALITY_ROWS
 from stages.report_rounds import accepted_families, round_quality_values
 
@@ -52,13 +52,13 @@ def store_status(store: Store) -> list[str]:
         policy = store.read_json(round_layout(number).policy)
         if policy is not None:
             lines.append(f"      merged from the student: {accepted_families(policy) or 'none'}")
-    leases = read_leases(store, REFINE_LOCK)
+    leases = read_leases(store, WRITE_LOCK)
     now = time.time()
     if not leases:
-        lines.append("refine lock: free")
+        lines.append("store lock: free")
     for lease in leases:
-        alive = "held" if lease.expires >= now else "expired (a new refine takes it over)"
-        lines.append(f"refine lock: {alive} by {lease.describe()}")
+        alive = "held" if is_live(lease, now) else "stale (the next run takes it over)"
+        lines.append(f"store lock: {alive} by {lease.describe()}")
     return lines
 
 

@@ -1,13 +1,16 @@
-"""The refine lease: one holder at a time, a stale lease taken over, safe without rename."""
+"""The store's write lease: one holder at a time, a stale lease taken over, safe without rename."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
-from refinement.lock import LockHeld, StoreLock, read_leases
+from engine.lock import LockHeld, StoreLock, read_leases
 
 
 def test_a_second_holder_is_refused_with_who_and_since(store):
@@ -81,3 +84,25 @@ def test_a_damaged_claim_is_named_not_ignored(store):
     store.write_bytes("locks/refine/abc.json", b"{not json")
     with pytest.raises(LockHeld, match=r"unreadable claim .*abc\.json"):
         StoreLock(store, "refine").acquire()
+
+
+def test_a_claim_whose_process_is_gone_on_this_host_is_taken_over_at_once(store):
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    dead = StoreLock(store, "write", ttl_s=3600)
+    dead.acquire()
+    # The claim as if that finished process had made it, still an hour from expiry.
+    claim = store.path("locks", "write", f"{dead.owner}.json")
+    record = json.loads(store.fs.cat_file(claim))
+    store.fs.pipe_file(claim, json.dumps({**record, "pid": int(gone.stdout)}).encode())
+
+    later = StoreLock(store, "write")
+    later.acquire()
+    assert [lease.owner for lease in later.taken_over] == [dead.owner]
+    # A live process's claim on this host stands until it expires.
+    with pytest.raises(LockHeld):
+        StoreLock(store, "write").acquire()

@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from engine.layout import MANIFEST, round_layout
+from engine.layout import MANIFEST, WRITE_LOCK, round_layout
+from engine.lock import StoreLock
 from engine.records import Caption, ImageRecord, Region, records_from_table, records_to_table
 from engine.round_state import committed_rounds, read_round_state
 from engine.run import main
 from engine.world import render_image
-from refinement.lock import StoreLock
 from refinement.policy import read_policy
 from tests.world_shards import exported_world, refine_config
 
@@ -85,7 +85,7 @@ def test_two_refine_rounds_keep_human_labels_and_refuse_a_second_refine(
     assert "merged from the student: none" in capsys.readouterr().out
 
     # A second refine while one holds the lease is refused with one line naming it.
-    holder = StoreLock(store, "refine")
+    holder = StoreLock(store, WRITE_LOCK)
     lease = holder.acquire()
     assert main([*args, "--config", accepting]) == 1
     err = capsys.readouterr().err.strip()

@@ -67,7 +67,7 @@ def test_a_refine_round_killed_and_rerun_ends_with_the_rows_of_an_unbroken_one(
     shutil.copytree(Path(first.url), broken_root)
     config = refine_config(tmp_path, min_image_gain=0.0)
     # A killed run's lease is taken over once it expires: a short one keeps this quick.
-    args = ["--stage", "refine", "--config", config, f"refine.lock_ttl_s={LEASE_S}"]
+    args = ["--stage", "refine", "--config", config, f"lock_ttl_s={LEASE_S}"]
 
     assert main([*args, "--store", first.url]) == 0
     capsys.readouterr()

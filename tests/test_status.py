@@ -6,12 +6,12 @@ import json
 import subprocess
 import sys
 
-from engine.layout import MANIFEST, round_layout
+from engine.layout import MANIFEST, WRITE_LOCK, round_layout
+from engine.lock import StoreLock
 from engine.records import ImageRecord, records_to_table
 from engine.round_state import commit_round, record_step
 from engine.run import main
 from engine.store import Store
-from refinement.lock import StoreLock
 
 
 def records(count: int) -> list[ImageRecord]:
@@ -30,7 +30,7 @@ def test_status_lists_rounds_export_quality_and_the_lock(tmp_path, capsys):
         record_step(store, 0, step, "digest")
     commit_round(store, 0)
     record_step(store, 1, "train", "digest", parent=0)
-    lock = StoreLock(store, "refine")
+    lock = StoreLock(store, WRITE_LOCK)
     lease = lock.acquire()
 
     assert main(["--stage", "status", "--store", store.url]) == 0
@@ -41,10 +41,10 @@ def test_status_lists_rounds_export_quality_and_the_lock(tmp_path, capsys):
     assert "export: 2 in 1 shards" in out
     assert "quality: box AP50 0.7" in out
     assert "r001  running    parent r000  3 records (manifest)" in out
-    assert f"refine lock: held by {lease.owner}" in out
+    assert f"store lock: held by {lease.owner}" in out
     lock.release()
     assert main(["--stage", "status", "--store", store.url]) == 0
-    assert "refine lock: free" in capsys.readouterr().out
+    assert "store lock: free" in capsys.readouterr().out
 
 
 def test_status_starts_no_ray(tmp_path):
@@ -64,4 +64,4 @@ def test_status_starts_no_ray(tmp_path):
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr
-    assert "refine lock: free" in done.stdout
+    assert "store lock: free" in done.stdout

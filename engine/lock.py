@@ -1,4 +1,5 @@
-"""A lease on a store: one refine at a time, safe on object stores, taken over when stale.
+"""A lease on a store: one writing run at a time, safe on object stores, taken over when
+stale.
 
 Object stores have no atomic rename and fsspec offers no conditional write, so the lock
 is a set of claims: each contender writes its own file ``locks/<name>/<owner>.json``
@@ -7,6 +8,8 @@ other live claim is there; otherwise it deletes its own claim and is refused. Wi
 read-after-write consistency (local disk, S3, GCS) two contenders can both be refused,
 never both admitted: whichever lists second sees the other's claim. A claim whose
 ``expires`` has passed belongs to a dead run; the next contender deletes it and says so.
+So does a claim made on this host by a process that no longer exists: a run killed and
+started again on one machine goes on at once instead of waiting out the lease.
 
 The holder renews its lease every ``ttl / 3`` from a background thread while the lock is
 held (``with lock:``), so a lease expires only when its run has stopped renewing it.
@@ -50,6 +53,22 @@ class Lease:
         )
 
 
+def is_live(lease: Lease, now: float) -> bool:
+    """Whether a claim may still belong to a running run: unexpired, and, when it was
+    made on this host, its process still exists (a reused pid errs towards alive)."""
+    if lease.expires < now:
+        return False
+    if lease.host != socket.gethostname():
+        return True
+    try:
+        os.kill(lease.pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        return True
+    return True
+
+
 def _utc(seconds: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(seconds))
 
@@ -79,7 +98,7 @@ def read_leases(store: Store, name: str) -> list[Lease]:
 
 
 class StoreLock:
-    """The lease ``name`` on ``store``; ``with StoreLock(store, "refine"):`` holds it.
+    """The lease ``name`` on ``store``; ``with StoreLock(store, WRITE_LOCK):`` holds it.
 
     ``ttl_s``: how long a lease lives without renewal; a run that dies is taken over
     after at most that long. ``clock`` is injectable for tests.
@@ -123,14 +142,14 @@ class StoreLock:
         """Claim the lock; raises ``LockHeld`` naming the live holder when there is one."""
         now = self.clock()
         for lease in read_leases(self.store, self.name):
-            if lease.owner != self.owner and lease.expires < now:
+            if lease.owner != self.owner and not is_live(lease, now):
                 self._remove(lease.owner)
                 self.taken_over.append(lease)
         mine = self._write_claim(since=now)
         others = [
             lease
             for lease in read_leases(self.store, self.name)
-            if lease.owner != self.owner and lease.expires >= now
+            if lease.owner != self.owner and is_live(lease, now)
         ]
         if others:
             self._remove(self.owner)
