@@ -2,7 +2,10 @@
 
 The driver expands the inputs into fixed units (a sorted chunk of files, one tar, a
 chunk of a COCO file's images) named by a hash of what they hold, so a rerun finds
-the same units and skips the committed ones. Each unit, a Ray task, reads its inputs,
+the same units and skips the committed ones. A folder's files that a committed unit
+already read are not planned again: a folder that grows between runs (nightly images
+added to it) gives units of its new files only, and the units already committed, with
+all the work done on them downstream, stay as they are. Each unit, a Ray task, reads its inputs,
 decodes and normalises every image (``image_decode``) and commits one manifest part
 and one quarantine part together. Duplicate content is kept out by the manifest view
 (first in unit order) and listed in quarantine by a final step.
@@ -38,12 +41,14 @@ from engine.records import (
     quarantine_to_table,
     records_to_table,
 )
-from engine.store import Store, kept_rows
+from engine.store import Store, StoreError, kept_rows
 from engine.summary import StageSummary
 from stages.image_decode import RefusedInput, decode_image
 from stages.ingest_coco import CocoInput, HumanLabels, labels_to_regions, read_coco
 
 GLOB_CHARS = "*?["
+# The marker key listing the files of a folder unit: a later plan leaves them out.
+FILES_READ = "files"
 
 
 class InputError(ValueError):
@@ -78,6 +83,8 @@ class IngestUnit:
 class IngestPlan:
     units: list[IngestUnit]
     notes: Counter[str]
+    # Files of folders and globs that committed units have read before.
+    already_ingested: int = 0
 
 
 def plan_ingest(inputs: list[str], store: Store, config: IngestConfig) -> IngestPlan:
@@ -102,15 +109,54 @@ def plan_ingest(inputs: list[str], store: Store, config: IngestConfig) -> Ingest
                 tars.setdefault(uri, IngestItem(uri, "tar", root))
             else:
                 files.setdefault(uri, IngestItem(uri, "folder", root))
+    read_before, unfinished = _folder_units_before(store)
+    listed = {_recordable(uri): uri for uri in files}
+    # A unit cut short between its two markers is planned again as it was (same files,
+    # same key), so it is redone whole; the other files go into new units.
+    chunks = [
+        [listed[uri] for uri in unit_files]
+        for unit_files in unfinished
+        if all(uri in listed for uri in unit_files)
+    ]
+    planned = read_before.union(*(map(_recordable, chunk) for chunk in chunks))
+    new = sorted(uri for uri in files if _recordable(uri) not in planned)
+    chunks += [
+        new[start : start + config.unit_size] for start in range(0, len(new), config.unit_size)
+    ]
     units = []
-    ordered = sorted(files)
-    for start in range(0, len(ordered), config.unit_size):
-        chunk = ordered[start : start + config.unit_size]
+    for chunk in chunks:
         items = tuple(files[uri] for uri in chunk)
         units.append(IngestUnit(_key("files", *chunk), store.url, config, items=items))
     for uri in sorted(tars):
         units.append(IngestUnit(_key("tar", uri), store.url, config, tar=tars[uri]))
-    return IngestPlan(units + coco_units, notes)
+    already = sum(1 for uri in files if _recordable(uri) in read_before)
+    return IngestPlan(units + coco_units, notes, already_ingested=already)
+
+
+def _folder_units_before(store: Store) -> tuple[set[str], list[list[str]]]:
+    """The files (recorded URIs) that committed folder units have read, kept, duplicate
+    or refused; and the files of each folder unit with one of its two markers only.
+
+    Units list their files in their markers. A file changed in place under the same
+    name is therefore not read again.
+    """
+    in_manifest = set(store.committed_units(MANIFEST))
+    in_quarantine = set(store.committed_units(QUARANTINE))
+    read_before: set[str] = set()
+    unfinished: list[list[str]] = []
+    for unit in sorted(in_manifest | in_quarantine):
+        dataset = MANIFEST if unit in in_manifest else QUARANTINE
+        try:
+            files = store.read_marker(dataset, unit).get(FILES_READ)
+        except StoreError:
+            continue  # a damaged marker: its unit is redone when planned from the listing
+        if files is None:
+            continue  # a tar or COCO unit, which a rerun plans the same
+        if unit in in_manifest and unit in in_quarantine:
+            read_before.update(files)
+        else:
+            unfinished.append(files)
+    return read_before, unfinished
 
 
 def run_ingest(store: Store, config: EngineConfig, plan: IngestPlan) -> StageSummary:
@@ -123,6 +169,8 @@ def run_ingest(store: Store, config: EngineConfig, plan: IngestPlan) -> StageSum
         num_cpus=config.ray.task_cpus,
     )
     summary.dropped.update(plan.notes)
+    if plan.already_ingested:
+        summary.notes["files read by an earlier run, not read again"] += plan.already_ingested
     duplicates = quarantine_duplicates(store)
     if duplicates:
         summary.quarantined["duplicate image"] += duplicates
@@ -182,18 +230,20 @@ def ingest_unit(unit: IngestUnit) -> StageSummary:
     summary.outputs = len(records)
     # Names (in uris, and in details such as an OSError's message) may not be UTF-8.
     refused = [replace(e, uri=_recordable(e.uri), detail=_recordable(e.detail)) for e in refused]
+    folder_files = [_recordable(item.uri) for item in unit.items if item.source == "folder"]
     store.commit_unit(
         unit.key,
         {
             MANIFEST: records_to_table(records, images=images),
             QUARANTINE: quarantine_to_table(refused),
         },
+        info={FILES_READ: folder_files} if folder_files else None,
     )
     return summary
 
 
 def quarantine_duplicates(store: Store) -> int:
-    """List manifest rows that the manifest view leaves out; returns how many.
+    """List manifest rows that the manifest view leaves out; returns how many were new.
 
     Idempotent: only duplicates not yet in quarantine are written, as one part named by
     their hash, so a rerun writes nothing new.
@@ -223,7 +273,7 @@ def quarantine_duplicates(store: Store) -> int:
     if new:
         key = _key("duplicates", *sorted(d.uri for d in new))
         store.commit_unit(key, {QUARANTINE: quarantine_to_table(new)})
-    return len(duplicates)
+    return len(new)
 
 
 # ---------------------------------------------------------------- reading inputs

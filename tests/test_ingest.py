@@ -4,7 +4,7 @@ import pytest
 
 from engine.config import load_config
 from engine.records import records_from_table
-from engine.store import Store, manifest_view
+from engine.store import Store, kept_image_ids_by_unit, manifest_view
 from stages.ingest import InputError, plan_ingest, run_ingest
 from stages.ingest_coco import labels_to_regions, read_coco
 from tests.inputs import encode, messy_input_folder, photo, write_coco
@@ -55,7 +55,54 @@ def test_rerun_skips_committed_units_and_adds_nothing(tmp_path, ray_cluster):
     first = (store.read("manifest").num_rows, store.read("quarantine").num_rows)
     again = ingest(store, str(tmp_path / "in"))
     assert again.units_run == 0 and again.units_skipped > 0
+    # Duplicates listed by the first run are not counted against this one's output.
+    assert again.outputs == 0 and not again.quarantined
     assert (store.read("manifest").num_rows, store.read("quarantine").num_rows) == first
+
+
+def test_a_grown_folder_adds_exactly_its_new_images(tmp_path, ray_cluster):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for k in range(9):  # three units of four, the last of one
+        (folder / f"{k:02d}.jpg").write_bytes(encode(photo(40, 30, seed=k)))
+    store = Store(str(tmp_path / "store"))
+    ingest(store, str(folder))
+    units_before = kept_image_ids_by_unit(store)
+
+    # A new image that sorts first would shift every chunk of the sorted listing.
+    (folder / "00-new.jpg").write_bytes(encode(photo(40, 30, seed=99)))
+    again = ingest(store, str(folder))
+
+    assert (again.inputs, again.outputs, again.units_run) == (1, 1, 1)
+    assert again.notes["files read by an earlier run, not read again"] == 9
+    manifest = store.read("manifest")
+    assert manifest.num_rows == 10 and len(set(manifest.column("uri").to_pylist())) == 10
+    assert store.read("quarantine") is None or store.read("quarantine").num_rows == 0
+    units_after = kept_image_ids_by_unit(store)
+    assert {u: ids for u, ids in units_after.items() if u in units_before} == units_before
+    assert len(units_after) == len(units_before) + 1
+
+
+def test_a_unit_cut_between_its_markers_is_redone_whole(tmp_path, ray_cluster):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for k in range(6):
+        (folder / f"{k:02d}.jpg").write_bytes(encode(photo(40, 30, seed=k)))
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    store = Store(str(tmp_path / "store"))
+    ingest(store, str(folder))
+    clean = sorted(map(str, store.read("manifest").column("uri").to_pylist()))
+    # A kill between the manifest marker and the quarantine marker of the unit holding
+    # the broken file: its manifest rows are visible, its refusal is not.
+    (unit,) = [
+        u for u in store.committed_units("quarantine") if store.read_unit("quarantine", u).num_rows
+    ]
+    store.fs.rm(store.path("quarantine", "_committed", f"{unit}.json"))
+
+    again = ingest(store, str(folder))
+    assert again.units_run == 1
+    assert sorted(map(str, store.read("manifest").column("uri").to_pylist())) == clean
+    assert [row["reason"] for row in store.read("quarantine").to_pylist()] == ["not an image"]
 
 
 def test_coco_labels_enter_as_human_annotations(tmp_path, ray_cluster):
