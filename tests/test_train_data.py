@@ -232,6 +232,24 @@ def test_ocr_task_reads_then_locates_in_reading_order():
     )
 
 
+def test_caption_task_asks_for_the_stage1_caption_among_the_instructions():
+    record = record_from_sample(rich_record())
+    caption, counting = instruction_conversations(
+        record, b"jpg", ["caption", "counting"], random.Random(1)
+    )
+    assert (caption.task, counting.task) == ("caption", "counting")
+    ((question, answer),) = pairs(caption)
+    assert question in CAPTION_PROMPTS and answer == "A brown dog sits next to a grey cat."
+    # The caption kinds stage 1 is configured with, asked for as stage 1 asks.
+    (brief,) = instruction_conversations(
+        record, b"jpg", ["caption"], random.Random(1), caption_kinds=("brief",)
+    )
+    ((question, answer),) = pairs(brief)
+    assert question in BRIEF_CAPTION_PROMPTS and answer == "A dog."
+    bare = record_from_sample(bare_record())
+    assert instruction_conversations(bare, b"jpg", ["caption"], random.Random(0)) == []
+
+
 @pytest.mark.parametrize("task", ["region", "grounding", "ocr", "counting", "referring"])
 def test_a_record_without_the_data_gives_no_sample(task):
     bare = record_from_sample(bare_record())
@@ -354,6 +372,12 @@ def test_stage2_makes_the_configured_tasks(shards):
                      "counting": RECORDS, "referring": RECORDS}  # fmt: skip
     only = data_config(instruction_tasks=("ocr",))
     assert {task for _, task, _ in stream(shards, stage="stage2", data=only)} == {"ocr"}
+    # Stage 1's caption among the instructions: the same answers stage 1 trains on.
+    mixed = data_config(instruction_tasks=("caption", "counting"))
+    got = stream(shards, stage="stage2", data=mixed)
+    assert Counter(task for _, task, _ in got) == {"caption": RECORDS, "counting": RECORDS}
+    captions = {i: turns for i, task, turns in got if task == "caption"}
+    assert captions == {i: turns for i, _, turns in stream(shards)}
 
 
 def test_corrupt_samples_are_skipped_warned_and_counted(shards, tmp_path, caplog):

@@ -89,8 +89,9 @@ class TrainDataConfig(_Section):
     llava_json: str | None = None
     llava_images: str | None = None
     # Stage-2 instruction samples made from each FLD record (engine/train/data.py).
+    # "caption" is stage 1's caption (stage1_captions) asked again among the instructions.
     instruction_tasks: tuple[
-        Literal["region", "grounding", "ocr", "counting", "referring"], ...
+        Literal["caption", "region", "grounding", "ocr", "counting", "referring"], ...
     ] = ("region", "grounding", "ocr", "counting", "referring")
     # Stage 1's caption of each record: the first of these kinds the record has (the
     # default: the most detailed, Florence-VL's pre-training data), or with

@@ -206,7 +206,12 @@ def _drafts(
                 conversations = [made] if made else []
             else:
                 conversations = instruction_conversations(
-                    record, image, data.instruction_tasks, rng
+                    record,
+                    image,
+                    data.instruction_tasks,
+                    rng,
+                    data.stage1_captions,
+                    data.stage1_caption_choice,
                 )
             for c in conversations:
                 yield _Draft(f"{url}#{key}", c.image, c.turns, c.image_id, c.task)

@@ -18,7 +18,8 @@ Several boxes are joined by ``", "``.
 Answer formats (the question is drawn from a short fixed list per task, e.g.):
 - ``caption``: "Describe the image in detail." -> the record's most detailed caption
   (more_detailed, else detailed, else brief), or the kinds ``data.stage1_captions`` asks
-  for; a brief caption is asked for briefly ("Describe the image briefly.").
+  for; a brief caption is asked for briefly ("Describe the image briefly."). The same
+  conversation is the stage-2 task ``caption``.
 - ``region`` (box -> text): "What is in the region [12, 40, 300, 512]?" -> the object
   region's text, e.g. ``"a brown dog"``.
 - ``grounding`` (phrase -> boxes): 'Where is "a brown dog" in the image?' -> every box the
@@ -102,7 +103,9 @@ OCR_LOCATE_PROMPTS = (
     "Read the text again, with the location of each piece.",
 )
 
-INSTRUCTION_TASKS = ("region", "grounding", "ocr", "counting", "referring")
+# "caption" is stage 1's caption conversation asked again in stage 2 (Florence-VL's
+# instruction data holds detailed descriptions too); the others are made by _TASKS.
+INSTRUCTION_TASKS = ("caption", "region", "grounding", "ocr", "counting", "referring")
 
 
 @dataclass(frozen=True)
@@ -148,18 +151,28 @@ def caption_conversation(
 
 
 def instruction_conversations(
-    record: ImageRecord, image: bytes, tasks: Sequence[str], rng: random.Random
+    record: ImageRecord,
+    image: bytes,
+    tasks: Sequence[str],
+    rng: random.Random,
+    caption_kinds: Sequence[str] = CAPTION_KINDS,
+    caption_choice: Literal["first", "random"] = "first",
 ) -> list[Conversation]:
     """Stage 2: one conversation per task in ``tasks`` that the record has the data for.
 
     ``tasks`` are names from ``INSTRUCTION_TASKS``; the answer formats are in the module
-    docstring. The conversations come in the order of ``tasks``.
+    docstring. ``caption_kinds`` and ``caption_choice`` pick the ``caption`` task's caption
+    as in ``caption_conversation``. The conversations come in the order of ``tasks``.
     """
     unknown = set(tasks) - set(INSTRUCTION_TASKS)
     if unknown:
         raise ValueError(f"unknown instruction tasks {sorted(unknown)}; known: {INSTRUCTION_TASKS}")
     conversations = []
     for task in tasks:
+        if task == "caption":
+            made = caption_conversation(record, image, rng, caption_kinds, caption_choice)
+            conversations += [made] if made else []
+            continue
         pairs = _TASKS[task](record, rng)
         if pairs:
             turns = tuple(
