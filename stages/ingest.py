@@ -44,7 +44,7 @@ from engine.records import (
 from engine.store import Store, StoreError, kept_rows
 from engine.summary import StageSummary
 from stages.image_decode import RefusedInput, decode_image
-from stages.ingest_coco import CocoInput, HumanLabels, labels_to_regions, read_coco
+from stages.ingest_coco import CocoInput, HumanLabels, labels_to_regions, read_coco, unite
 
 GLOB_CHARS = "*?["
 # The marker key listing the files of a folder unit: a later plan leaves them out.
@@ -91,7 +91,7 @@ def plan_ingest(inputs: list[str], store: Store, config: IngestConfig) -> Ingest
     """Expand inputs into units. Raises InputError for a path that does not exist."""
     files: dict[str, IngestItem] = {}
     tars: dict[str, IngestItem] = {}
-    coco_units: list[IngestUnit] = []
+    cocos: list[CocoInput] = []
     notes: Counter[str] = Counter()
     for spec in inputs:
         uris, root, from_folder = _expand(spec)
@@ -104,7 +104,7 @@ def plan_ingest(inputs: list[str], store: Store, config: IngestConfig) -> Ingest
                 except (ValueError, OSError, RefusedInput) as exc:
                     raise InputError(f"input {uri!r} is not a readable COCO file: {exc}") from exc
                 notes.update(coco.notes)
-                coco_units.extend(_coco_units(coco, store, config))
+                cocos.append(coco)
             elif uri.endswith(".tar"):
                 tars.setdefault(uri, IngestItem(uri, "tar", root))
             else:
@@ -130,7 +130,8 @@ def plan_ingest(inputs: list[str], store: Store, config: IngestConfig) -> Ingest
     for uri in sorted(tars):
         units.append(IngestUnit(_key("tar", uri), store.url, config, tar=tars[uri]))
     already = sum(1 for uri in files if _recordable(uri) in read_before)
-    return IngestPlan(units + coco_units, notes, already_ingested=already)
+    units += _coco_units(cocos, store, config)
+    return IngestPlan(units, notes, already_ingested=already)
 
 
 def _folder_units_before(store: Store) -> tuple[set[str], list[list[str]]]:
@@ -416,18 +417,35 @@ def _expand(spec: str) -> tuple[list[str], str, bool]:
     raise InputError(f"input {spec!r} does not exist or cannot be read")
 
 
-def _coco_units(coco: CocoInput, store: Store, config: IngestConfig) -> list[IngestUnit]:
-    ordered = sorted(coco.images)
-    source = f"coco:{posixpath.basename(coco.uri)}"
+def _coco_units(cocos: list[CocoInput], store: Store, config: IngestConfig) -> list[IngestUnit]:
+    """Units of the images the COCO files name. An image named by several files is one
+    item with the labels of all of them (``unite``), in units of the images named by
+    the same files; each file's refusals are a unit of their own, committed once."""
+    named_by: dict[str, list[CocoInput]] = {}
+    for coco in sorted(cocos, key=lambda c: c.uri):
+        for uri in coco.images:
+            named_by.setdefault(uri, []).append(coco)
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for uri in sorted(named_by):
+        groups.setdefault(tuple(c.uri for c in named_by[uri]), []).append(uri)
     units = []
-    for start in range(0, max(len(ordered), 1), config.unit_size):
-        chunk = ordered[start : start + config.unit_size]
-        items = tuple(IngestItem(uri, source, coco.folder, coco.images[uri]) for uri in chunk)
-        # The file's own refusals travel with its first unit, so they are committed once.
-        refused = tuple(coco.refused) if start == 0 else ()
-        key = _key("coco", coco.uri, *chunk)
-        units.append(IngestUnit(key, store.url, config, items=items, refused=refused))
+    for files, uris in sorted(groups.items()):
+        for start in range(0, len(uris), config.unit_size):
+            chunk = uris[start : start + config.unit_size]
+            items = tuple(_coco_item(uri, named_by[uri]) for uri in chunk)
+            units.append(IngestUnit(_key("coco", *files, *chunk), store.url, config, items=items))
+    for coco in cocos:
+        if coco.refused:
+            key = _key("coco refused", coco.uri)
+            units.append(IngestUnit(key, store.url, config, refused=tuple(coco.refused)))
     return units
+
+
+def _coco_item(uri: str, cocos: list[CocoInput]) -> IngestItem:
+    source = "coco:" + "+".join(posixpath.basename(coco.uri) for coco in cocos)
+    labels = unite([coco.images[uri] for coco in cocos])
+    # Resolved inside the first file's folder; read only if it stays inside it.
+    return IngestItem(uri, source, cocos[0].folder, labels)
 
 
 def _key(*parts: str) -> str:

@@ -41,6 +41,15 @@ class HumanLabels:
     captions: tuple[str, ...] = ()
 
 
+def unite(labels: list[HumanLabels]) -> HumanLabels:
+    """The labels of one image from several COCO files (boxes in ``instances_*.json``,
+    captions in ``captions_*.json``): all of them, each once, in file order."""
+    return HumanLabels(
+        boxes=tuple(dict.fromkeys(box for found in labels for box in found.boxes)),
+        captions=tuple(dict.fromkeys(text for found in labels for text in found.captions)),
+    )
+
+
 @dataclass
 class CocoInput:
     """One COCO file: its images (uri -> labels) and the annotations it refused."""

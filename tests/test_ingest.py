@@ -155,6 +155,32 @@ def test_coco_labels_enter_as_human_annotations(tmp_path, ray_cluster):
     assert summary.dropped["captions beyond the first not kept"] == 1
 
 
+def test_boxes_and_captions_from_two_coco_files_are_united(tmp_path, ray_cluster):
+    folder = tmp_path / "coco"
+    folder.mkdir()
+    sizes = {"a.jpg": (100, 80), "b.jpg": (60, 60)}
+    for k, (name, (w, h)) in enumerate(sizes.items()):
+        (folder / name).write_bytes(encode(photo(w, h, seed=k)))
+    box = {"image_id": 1, "category_id": 1, "bbox": [10, 10, 30, 20]}
+    write_coco(folder / "instances.json", sizes, [box, {**box, "bbox": [0, 0, 5, 5.5]}])
+    # The captions file repeats one box (annotation id 1 again): it is kept once.
+    write_coco(
+        folder / "captions.json",
+        sizes,
+        [box, {"image_id": 1, "caption": "A cat."}, {"image_id": 2, "caption": "Noise."}],
+    )
+    store = Store(str(tmp_path / "store"))
+    summary = ingest(store, str(folder / "instances.json"), str(folder / "captions.json"))
+
+    records = {r.uri.rsplit("/", 1)[1]: r for r in records_from_table(store.read("manifest"))}
+    assert set(records) == {"a.jpg", "b.jpg"} and summary.outputs == 2
+    a, b = records["a.jpg"], records["b.jpg"]
+    assert [r.box for r in a.regions] == [(10.0, 10.0, 40.0, 30.0), (0.0, 0.0, 5.0, 5.5)]
+    assert a.captions["brief"].text == "A cat." and b.captions["brief"].text == "Noise."
+    assert a.source == "coco:captions.json+instances.json"
+    assert store.read("quarantine").num_rows == 0  # no copy set aside as a duplicate
+
+
 def test_coco_boxes_and_polygons_are_checked_one_by_one(tmp_path):
     # Driver-side only: what JSON can hold besides numbers is refused, never raised.
     write_coco(
