@@ -89,8 +89,14 @@ def run_units(
     done: Callable[[UnitT], bool],
     num_cpus: float,
     max_in_flight: int = 64,
+    committed: Callable[[UnitT], bool] | None = None,
 ) -> StageSummary:
     """Run ``work`` on every unit that is not ``done`` yet, as Ray tasks.
+
+    ``committed`` (optional) tells a unit committed from other inputs (not ``done``,
+    since what it was computed from changed) from one never committed: the first are
+    counted in the summary as redone, so a user sees that a changed setting or an
+    upstream rerun reached them.
 
     ``work`` commits its own output and returns that unit's summary. A unit that raises
     is reported and the others go on; the stage then fails, naming the units, and a
@@ -101,6 +107,10 @@ def run_units(
     summary = StageSummary(stage)
     todo = [unit for unit in units if not done(unit)]
     summary.units_skipped = len(units) - len(todo)
+    if committed is not None:
+        redone = sum(1 for unit in todo if committed(unit))
+        if redone:
+            summary.notes["units redone: what they are computed from changed"] += redone
     remote = ray.remote(num_cpus=num_cpus, max_retries=2)(work)
     pending: dict[Any, UnitT] = {}
     failures: list[str] = []

@@ -14,10 +14,21 @@ writes it redoes it on its next run), and a reader that meets it raises a one-li
 ``StoreError`` naming the file. The checks cost a file size and the row count Parquet
 reads anyway, never a pass over the bytes. Markers written before sizes were recorded
 have none, and are checked by their rows alone.
+
+A unit computed from other units records what it was computed from as ``inputs``: a
+``fingerprint`` of the upstream units' markers (which carry their own inputs, so a
+change anywhere upstream reaches every stage below) and of the settings that shape it.
+A stage redoes a unit whose recorded inputs differ from today's (``is_current``), and
+writes the new part under a name of its own, ``part-<unit>-<inputs>.parquet``: a
+committed part is never rewritten in place, so a run killed midway leaves the old unit
+whole and still committed, and the replaced part is removed once the new marker is in.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
 import json
 import posixpath
 from collections.abc import Collection, Iterable
@@ -95,31 +106,59 @@ class Store:
     def _marker(self, dataset: str, unit: str) -> str:
         return self.path(dataset, MARKER_DIR, f"{unit}.json")
 
-    def part_path(self, dataset: str, unit: str) -> str:
-        return self.path(dataset, f"part-{unit}.parquet")
+    def part_path(self, dataset: str, unit: str, inputs: str | None = None) -> str:
+        return self.path(dataset, _part_name(unit, inputs))
 
     def is_committed(self, dataset: str, unit: str) -> bool:
         """True when the unit's marker reads and its part (if it names one) has the size
         the marker recorded; a damaged unit is not committed, so its stage redoes it."""
+        return self._intact_marker(dataset, unit) is not None
+
+    def is_current(self, dataset: str, unit: str, inputs: str) -> bool:
+        """Committed, and computed from ``inputs`` (a ``fingerprint``)."""
+        marker = self._intact_marker(dataset, unit)
+        return marker is not None and marker.get("inputs") == inputs
+
+    def marker_fingerprint(self, dataset: str, unit: str) -> str | None:
+        """A fingerprint of a committed unit's marker (its part's name, rows, bytes and
+        inputs), for the inputs of the units computed from it; None if not committed."""
+        marker = self._intact_marker(dataset, unit)
+        return None if marker is None else fingerprint(marker)
+
+    def _intact_marker(self, dataset: str, unit: str) -> dict | None:
         try:
-            self._check_part(dataset, unit, self.read_marker(dataset, unit))
+            marker = self.read_marker(dataset, unit)
+            self._check_part(dataset, unit, marker)
         except StoreError:
-            return False
-        return True
+            return None
+        return marker
 
     def unit_done(self, unit: str, datasets: Iterable[str]) -> bool:
         return all(self.is_committed(dataset, unit) for dataset in datasets)
 
-    def commit_unit(self, unit: str, tables: dict[str, pa.Table], info: dict | None = None) -> None:
+    def unit_current(self, unit: str, datasets: Iterable[str], inputs: str) -> bool:
+        return all(self.is_current(dataset, unit, inputs) for dataset in datasets)
+
+    def commit_unit(
+        self,
+        unit: str,
+        tables: dict[str, pa.Table],
+        info: dict | None = None,
+        inputs: str | None = None,
+    ) -> None:
         """Write one part per dataset for ``unit``, then their markers (with ``info``).
 
         All parts are complete before the first marker is written; a unit counts as done
         only when every one of its markers is whole (``unit_done``), so a kill between two
-        markers makes the rerun redo the whole unit, rewriting identical parts.
+        markers makes the rerun redo the whole unit, rewriting identical parts. With
+        ``inputs`` (what the unit was computed from) the parts are named by them, so a
+        unit computed again from other inputs never overwrites its committed part; the
+        part it replaces is removed after the new marker is written.
         """
+        replaced = {dataset: self._intact_marker(dataset, unit) for dataset in tables}
         sizes = {}
         for dataset, table in tables.items():
-            path = self.part_path(dataset, unit)
+            path = self.part_path(dataset, unit, inputs)
             self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
             with self.fs.open(path, "wb") as f:
                 pq.write_table(table, f, compression=_compression(table))
@@ -128,11 +167,17 @@ class Store:
             # What the marker commits comes last, so no ``info`` key can overwrite it.
             marker = {
                 **(info or {}),
-                "part": f"part-{unit}.parquet",
+                "part": _part_name(unit, inputs),
                 "rows": table.num_rows,
                 "bytes": sizes[dataset],
             }
+            if inputs is not None:
+                marker["inputs"] = inputs
             self.write_marker(dataset, unit, marker)
+        for dataset, old in replaced.items():
+            if old is not None and old.get("part") not in (None, _part_name(unit, inputs)):
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm(self.path(dataset, old["part"]))
 
     def write_marker(self, dataset: str, unit: str, info: dict) -> None:
         """Commit a unit of ``dataset`` whose files are complete; ``info`` describes them."""
@@ -163,7 +208,7 @@ class Store:
         """
         if "part" not in marker:
             return
-        path = self.part_path(dataset, unit)
+        path = self._marked_part(dataset, marker)
         try:
             size = self.fs.size(path)
         except FileNotFoundError as exc:
@@ -171,6 +216,10 @@ class Store:
         expected = marker.get("bytes")
         if expected is not None and size != expected:
             raise self._damaged(path, f"has {size} bytes, its marker recorded {expected}")
+
+    def _marked_part(self, dataset: str, marker: dict) -> str:
+        # The name alone: a part lives in its dataset's folder, whatever a marker says.
+        return self.path(dataset, posixpath.basename(str(marker["part"])))
 
     def _damaged(self, path: str, problem: str) -> StoreError:
         return StoreError(
@@ -208,7 +257,7 @@ class Store:
         when the unit is not committed or the part or marker is damaged."""
         marker = self.read_marker(dataset, unit)
         self._check_part(dataset, unit, marker)
-        path = self.part_path(dataset, unit)
+        path = self._marked_part(dataset, marker)
         try:
             with self.fs.open(path, "rb") as f:
                 table = pq.read_table(f, columns=columns)
@@ -325,3 +374,26 @@ def _compression(table: pa.Table) -> dict[str, str]:
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
     protocol = fs.protocol
     return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+
+
+def _part_name(unit: str, inputs: str | None) -> str:
+    return f"part-{unit}.parquet" if inputs is None else f"part-{unit}-{inputs}.parquet"
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short hash of ``parts`` (JSON values, sets, dataclasses, pydantic models), the
+    same in every process: what a unit is computed from."""
+    text = json.dumps(parts, sort_keys=True, default=_plain)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _plain(value: Any) -> Any:
+    # Sets are sorted: their iteration order changes with each process's string hashing.
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=repr)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+        return {"class": type(value).__qualname__, **fields}
+    if hasattr(value, "model_dump"):  # a config section
+        return value.model_dump(mode="json")
+    return repr(value)

@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 from engine.config import EngineConfig, SpecialistConfig
 from engine.execution import StageError, check_fits
-from engine.layout import round_layout
-from engine.store import Store, kept_image_ids_by_unit
+from engine.layout import MANIFEST, round_layout
+from engine.store import Store, fingerprint, kept_image_ids_by_unit
 from engine.summary import StageSummary
 from specialists import build_specialist
 from specialists.base import Specialist
@@ -115,6 +115,8 @@ class _UnitJob:
     unit: str
     size: int
     prepared: ray.ObjectRef
+    # What the unit is annotated from (engine.store.fingerprint), recorded at commit.
+    inputs: str
     results: dict[int, Result] = field(default_factory=dict)
     open_calls: int = 0
     failed: bool = False
@@ -171,7 +173,9 @@ class _Pool:
         self.idle.discard(actor_index)
         actor = self.actors[actor_index]
         if call.indices is None:
-            return actor.run_unit.remote(call.job.prepared, call.job.results or None)
+            return actor.run_unit.remote(
+                call.job.prepared, call.job.inputs, call.job.results or None
+            )
         return actor.annotate_images.remote(call.job.prepared, call.indices)
 
     def finish(
@@ -252,6 +256,21 @@ class _Pool:
         job.open_calls += len(halves)
 
 
+def annotate_inputs(
+    store: Store,
+    spec: SpecialistConfig,
+    unit: str,
+    image_ids: Sequence[str],
+    upstream: Sequence[str],
+) -> str:
+    """What a specialist's unit is computed from: the model and its options (not where or
+    how fast it runs), the unit's images and what earlier specialists said about them."""
+    model = spec.model_dump(include={"kind", "model", "revision", "dtype", "options"})
+    upstream_markers = {dataset: store.marker_fingerprint(dataset, unit) for dataset in upstream}
+    manifest = store.marker_fingerprint(MANIFEST, unit)
+    return fingerprint("annotate", model, manifest, image_ids, upstream_markers)
+
+
 def _run_level(
     store: Store,
     config: EngineConfig,
@@ -272,14 +291,21 @@ def _run_level(
     pools: dict[str, _Pool] = {}
     for spec in specs:
         dataset = round_layout(round_number).annotate(spec.name)
-        pending_units = [u for u in units if not store.is_committed(dataset, u)]
+        inputs = {
+            unit: annotate_inputs(store, spec, unit, units[unit], upstream[spec.name])
+            for unit in units
+        }
+        pending_units = [u for u in units if not store.is_current(dataset, u, inputs[u])]
         summary.units_skipped += len(units) - len(pending_units)
+        redone = sum(1 for unit in pending_units if store.is_committed(dataset, unit))
+        if redone:
+            summary.notes["units redone: what they are computed from changed"] += redone
         if not pending_units:
             continue
 
-        def open_unit(unit: str, name: str = spec.name) -> _UnitJob:
+        def open_unit(unit: str, name: str = spec.name, inputs: dict = inputs) -> _UnitJob:
             ref = prepare.remote(store.url, unit, units[unit], upstream[name])
-            return _UnitJob(unit, len(units[unit]), ref)
+            return _UnitJob(unit, len(units[unit]), ref, inputs[unit])
 
         pools[spec.name] = _Pool(spec, store.url, round_number, pending_units, open_unit, config)
 

@@ -120,10 +120,11 @@ class SpecialistActor:
         return annotate_resilient(self._annotate_batch, items, self.config.batch_size, notes)
 
     def run_unit(
-        self, prepared: PreparedUnit, known: Mapping[int, Result] | None = None
+        self, prepared: PreparedUnit, inputs: str, known: Mapping[int, Result] | None = None
     ) -> StageSummary:
         """Annotate a unit's images, except those whose result is ``known`` (parts the
-        driver already had annotated, images that killed the process), and commit it."""
+        driver already had annotated, images that killed the process), and commit it as
+        computed from ``inputs``."""
         known = known or {}
         summary = StageSummary("annotate", inputs=len(prepared.records))
         todo = [i for i in range(len(prepared.records)) if i not in known]
@@ -144,7 +145,9 @@ class SpecialistActor:
             rows.append((self._stamp(record, found or Annotations()), error))
             if error is not None:
                 summary.dropped[f"model failed: {error.partition(':')[0]}"] += 1
-        self.store.commit_unit(prepared.unit, {self.dataset: _annotation_table(rows)})
+        self.store.commit_unit(
+            prepared.unit, {self.dataset: _annotation_table(rows)}, inputs=inputs
+        )
         summary.outputs = sum(1 for _, error in rows if error is None)
         return summary
 

@@ -1,14 +1,19 @@
 """Export a round as WebDataset shards (DESIGN.md sample format) plus a COCO JSON file.
 
 One export unit per unit of the round's records (filtered, else merged, else the
-manifest): it writes size-bounded shards named ``<unit>-<k>.tar`` and then a marker
-listing them, so a rerun skips finished units and rewrites a half-written one under
-the same names. Each sample is ``<image_id>.jpg`` and ``<image_id>.json``; the JSON
+manifest): it writes size-bounded shards named ``<unit>-<inputs>-<k>.tar`` and then a
+marker listing them, so a rerun skips finished units and rewrites a half-written one
+under the same names. ``<inputs>`` is what the unit was exported from (the records'
+and the manifest's units, the export settings: ``engine.store.fingerprint``): records
+filtered again on other thresholds are exported again to new shards, and the shards
+they replace are removed once the new marker is in, so shards, ``coco.json`` and the
+filtered records always agree. Each sample is ``<image_id>.jpg`` and ``<image_id>.json``; the JSON
 carries the record and its Florence-2 task targets (``refinement.targets``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import posixpath
@@ -28,7 +33,7 @@ from engine.records import (
     record_to_sample,
     records_from_table,
 )
-from engine.store import Store, kept_image_ids_by_unit, records_dataset
+from engine.store import Store, fingerprint, kept_image_ids_by_unit, records_dataset
 from engine.summary import StageSummary
 from refinement.targets import florence2_targets
 
@@ -45,6 +50,8 @@ class ExportUnit:
     image_ids: tuple[str, ...]
     out_dir: str
     config: ExportConfig
+    # What the unit is exported from (engine.store.fingerprint).
+    inputs: str = ""
 
 
 def run_export(store: Store, config: EngineConfig, round_number: int) -> StageSummary:
@@ -54,7 +61,20 @@ def run_export(store: Store, config: EngineConfig, round_number: int) -> StageSu
     # Round datasets are cut into the manifest's units; export what the round has committed.
     committed = set(store.committed_units(dataset))
     units = [
-        ExportUnit(key, store.url, dataset, ids, out_dir, config.export)
+        ExportUnit(
+            key,
+            store.url,
+            dataset,
+            ids,
+            out_dir,
+            config.export,
+            fingerprint(
+                "export",
+                config.export,
+                ids,
+                {d: store.marker_fingerprint(d, key) for d in (dataset, MANIFEST)},
+            ),
+        )
         for key, ids in kept_image_ids_by_unit(store).items()
         if key in committed
     ]
@@ -62,7 +82,8 @@ def run_export(store: Store, config: EngineConfig, round_number: int) -> StageSu
         "export",
         export_unit,
         units,
-        done=lambda unit: store.is_committed(out_dir, unit.key),
+        done=lambda unit: store.is_current(out_dir, unit.key, unit.inputs),
+        committed=lambda unit: store.is_committed(out_dir, unit.key),
         num_cpus=config.ray.task_cpus,
     )
     shards = write_shard_index(store, layout)
@@ -92,8 +113,13 @@ def export_unit(unit: ExportUnit) -> StageSummary:
         if r.image_id in wanted
     ]
     summary.inputs = len(records)
+    # The unit's shards as exported before, from other inputs: removed once the new
+    # marker is in, never overwritten before it.
+    committed = store.is_committed(unit.out_dir, unit.key)
+    replaced = store.read_marker(unit.out_dir, unit.key)["shards"] if committed else []
     shards: list[dict[str, Any]] = []
-    with ShardWriter(store, unit.out_dir, unit.key) as writer:
+    prefix = f"{unit.key}-{unit.inputs}" if unit.inputs else unit.key
+    with ShardWriter(store, unit.out_dir, prefix) as writer:
         for record in records:
             jpg = image_by_id[record.image_id]
             meta = json.dumps(sample_json(record), ensure_ascii=False).encode()
@@ -109,7 +135,12 @@ def export_unit(unit: ExportUnit) -> StageSummary:
             shards[-1]["samples"] += 1
             shards[-1]["bytes"] += size
     summary.outputs = len(records)
-    store.write_marker(unit.out_dir, unit.key, {"shards": shards})
+    store.write_marker(unit.out_dir, unit.key, {"shards": shards, "inputs": unit.inputs})
+    written = {shard["name"] for shard in shards}
+    for shard in replaced:
+        if shard["name"] not in written:
+            with contextlib.suppress(FileNotFoundError):
+                store.fs.rm(store.path(unit.out_dir, shard["name"]))
     return summary
 
 

@@ -10,15 +10,16 @@
    reason: a whole record, or a record holding only the annotations dropped for one
    reason (their phrase region indices refer to the scored record).
 
-The threshold pass commits each unit with a digest of the thresholds, so running
-``--stage filter filter.region.min_score=0.4`` again redoes only the threshold pass:
-no model and no spaCy parse runs a second time.
+Each pass records what a unit was computed from (``engine.store.fingerprint``): the
+score pass, the merged unit and the spaCy model; the threshold pass, the scored unit
+and the thresholds. So ``--stage filter filter.region.min_score=0.4`` again redoes only
+the threshold pass (no model and no spaCy parse runs a second time), a merge run again
+on other settings is scored again, and export, which records the filtered unit it
+wrote, follows.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from functools import lru_cache
@@ -37,17 +38,11 @@ from engine.records import (
     records_from_table,
     records_to_table,
 )
-from engine.store import Store
+from engine.store import Store, fingerprint
 from engine.summary import StageSummary
 from filters.grounding import decide_grounding
 from filters.regions import RecordDecision, decide_regions
 from filters.text import add_caption_stats, caption_decision, load_pipeline
-
-
-def thresholds_digest(config: FilterConfig) -> str:
-    """Identifies the thresholds a unit was decided with (the spaCy model is not one)."""
-    thresholds = config.model_dump(exclude={"spacy_model"})
-    return hashlib.sha1(json.dumps(thresholds, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +51,8 @@ class FilterUnit:
     store_url: str
     round_number: int
     config: FilterConfig
+    # What this pass computes the unit from (engine.store.fingerprint).
+    inputs: str = ""
 
 
 def run_filter(store: Store, config: EngineConfig, round_number: int) -> StageSummary:
@@ -63,25 +60,43 @@ def run_filter(store: Store, config: EngineConfig, round_number: int) -> StageSu
     units = store.committed_units(layout.merged)
     if not units:
         raise StageError(f"filter: round {round_number} has no merged records; run merge first")
-    work = [FilterUnit(unit, store.url, round_number, config.filter) for unit in units]
     scored = layout.scored
+    scoring = [
+        FilterUnit(
+            unit,
+            store.url,
+            round_number,
+            config.filter,
+            fingerprint(
+                "score", config.filter.spacy_model, store.marker_fingerprint(layout.merged, unit)
+            ),
+        )
+        for unit in units
+    ]
     score_summary = run_units(
         "filter: score",
         score_unit,
-        work,
-        done=lambda unit: store.is_committed(scored, unit.key),
+        scoring,
+        done=lambda unit: store.is_current(scored, unit.key, unit.inputs),
+        committed=lambda unit: store.is_committed(scored, unit.key),
         num_cpus=config.ray.task_cpus,
     )
-    digest = thresholds_digest(config.filter)
-    outputs = (layout.filtered, layout.dropped)
-
-    def decided(unit: FilterUnit) -> bool:
-        return store.unit_done(unit.key, outputs) and all(
-            store.read_marker(dataset, unit.key).get("thresholds") == digest for dataset in outputs
+    thresholds = config.filter.model_dump(exclude={"spacy_model"})
+    deciding = [
+        replace(
+            unit,
+            inputs=fingerprint("threshold", thresholds, store.marker_fingerprint(scored, unit.key)),
         )
-
+        for unit in scoring
+    ]
+    outputs = (layout.filtered, layout.dropped)
     summary = run_units(
-        "filter: threshold", threshold_unit, work, done=decided, num_cpus=config.ray.task_cpus
+        "filter: threshold",
+        threshold_unit,
+        deciding,
+        done=lambda unit: store.unit_current(unit.key, outputs, unit.inputs),
+        committed=lambda unit: store.unit_done(unit.key, outputs),
+        num_cpus=config.ray.task_cpus,
     )
     summary.stage = "filter"
     summary.seconds += score_summary.seconds
@@ -102,7 +117,7 @@ def score_unit(unit: FilterUnit) -> StageSummary:
     records = records_from_table(store.read_unit(layout.merged, unit.key))
     if any(c.stats is None for record in records for c in record.captions.values()):
         add_caption_stats(_pipeline(unit.config.spacy_model), records)
-    store.commit_unit(unit.key, {layout.scored: records_to_table(records)})
+    store.commit_unit(unit.key, {layout.scored: records_to_table(records)}, inputs=unit.inputs)
     return StageSummary("filter: score", inputs=len(records), outputs=len(records))
 
 
@@ -125,14 +140,13 @@ def threshold_unit(unit: FilterUnit) -> StageSummary:
     dropped_table = records_to_table([record for record, _ in dropped])
     reasons = pa.array([reason for _, reason in dropped], pa.string())
     dropped_table = dropped_table.append_column(DROPPED_SCHEMA.field("reason"), reasons)
-    info = {"thresholds": thresholds_digest(unit.config)}
     store.commit_unit(
         unit.key,
         {
             layout.filtered: records_to_table(kept),
             layout.dropped: dropped_table,
         },
-        info=info,
+        inputs=unit.inputs,
     )
     return summary
 

@@ -58,7 +58,7 @@ from engine.records import (
     records_from_table,
     records_to_table,
 )
-from engine.store import Store, kept_image_ids_by_unit
+from engine.store import Store, fingerprint, kept_image_ids_by_unit
 from engine.summary import StageSummary
 from filters.regions import match_regions
 from specialists import build_specialist
@@ -113,6 +113,8 @@ class MergeUnit:
     policy: MergePolicy
     # (name, dataset) of the specialists producing region texts, in config order.
     region_texts: tuple[tuple[str, str], ...] = ()
+    # What the unit is merged from (engine.store.fingerprint).
+    inputs: str = ""
 
 
 def run_merge(
@@ -152,15 +154,27 @@ def run_merge(
         # that later specialist output could never join.
         raise StageError(f"merge: run annotate first ({len(missing)} missing): {missing[0]}")
     out = round_layout(round_number).merged
+    read = [base, *sources, *(dataset for _, dataset in region_texts)]
     work = [
-        MergeUnit(key, store.url, ids, base, tuple(sources), out, policy, tuple(region_texts))
+        MergeUnit(
+            key,
+            store.url,
+            ids,
+            base,
+            tuple(sources),
+            out,
+            policy,
+            tuple(region_texts),
+            fingerprint("merge", policy, ids, {d: store.marker_fingerprint(d, key) for d in read}),
+        )
         for key, ids in chosen.items()
     ]
     summary = run_units(
         "merge",
         merge_unit,
         work,
-        done=lambda unit: store.is_committed(out, unit.key),
+        done=lambda unit: store.is_current(out, unit.key, unit.inputs),
+        committed=lambda unit: store.is_committed(out, unit.key),
         num_cpus=config.ray.task_cpus,
     )
     summary.location = store.path(out)
@@ -201,7 +215,7 @@ def merge_unit(unit: MergeUnit) -> StageSummary:
         new = [out for _, out in outputs[image_id] if out is not None]
         merged.append(unit.policy(record, new, region_texts, counts))
     summary.outputs = len(merged)
-    store.commit_unit(unit.key, {unit.out: records_to_table(merged)})
+    store.commit_unit(unit.key, {unit.out: records_to_table(merged)}, inputs=unit.inputs)
     return summary
 
 

@@ -106,6 +106,20 @@ def test_needs_get_upstream_and_human_captions_and_rerun_skips(store):
     again = run_annotate(store, config, 0)
     assert again.units_run == 0 and again.units_skipped == 4
 
+    # Resources are not inputs; a captioner's options are, and what needs its captions
+    # follows it.
+    faster = with_specialists(spec("cap", CAPTIONER, batch_size=2), spec("ground", GROUNDER))
+    assert run_annotate(store, faster, 0).units_run == 0
+    changed = with_specialists(
+        spec("cap", CAPTIONER, options={"fail_on_width": 41}), spec("ground", GROUNDER)
+    )
+    redone = run_annotate(store, changed, 0)
+    assert redone.units_run == 4
+    assert redone.notes["units redone: what they are computed from changed"] == 4
+    assert [e for _, e in read(store, "cap").values() if e] == [
+        "ValueError: cannot read an image 41 wide"
+    ]
+
 
 def test_actors_that_cannot_fit_are_refused_before_they_hang(store):
     greedy = with_specialists(spec("cap", CAPTIONER, num_cpus=1, pool_size=2))

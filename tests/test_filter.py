@@ -1,10 +1,15 @@
 """The filter stage: statistics stored first, then cheap threshold passes."""
 
+import os
+
+import webdataset as wds
+
 from engine.config import AnnotateConfig, FilterConfig, SpecialistConfig, load_config
 from engine.layout import round_layout
 from engine.records import Caption, ImageRecord, Phrase, Region, TextStats, records_from_table
 from engine.store import Store
 from stages.annotate import run_annotate
+from stages.export import run_export
 from stages.filter import (
     decide_record,
     run_filter,
@@ -58,7 +63,7 @@ def test_too_many_objects_drops_the_image():
     assert aside[-1][0] == "image: too many objects" and len(aside[-1][1].regions) == 10
 
 
-def test_refiltering_with_new_thresholds_runs_no_model(tmp_path, ray_cluster):
+def test_refiltering_runs_no_model_and_export_follows_it(tmp_path, ray_cluster):
     folder = tmp_path / "in"
     folder.mkdir()
     sizes = {f"{k}.jpg": (40 + 3 * k, 30) for k in range(6)}
@@ -74,31 +79,53 @@ def test_refiltering_with_new_thresholds_runs_no_model(tmp_path, ray_cluster):
         update={"annotate": AnnotateConfig(specialists=specs)}
     )
     store = Store(str(tmp_path / "store"))
+    layout = round_layout(0)
     run_ingest(store, config, plan_ingest([str(folder / "labels.json")], store, config.ingest))
     run_annotate(store, config, 0)
     run_merge(store, config, 0)
 
     first = run_filter(store, config, 0)
-    scored = records_from_table(store.read(round_layout(0).scored))
+    scored = records_from_table(store.read(layout.scored))
     stats = scored[0].captions["detailed"].stats
     assert stats is not None and "image" in stats.objects and "pixels" in stats.objects
-    assert first.outputs == 6 and store.read(round_layout(0).dropped).num_rows == 0
+    assert first.outputs == 6 and store.read(layout.dropped).num_rows == 0
+    run_export(store, config, 0)
+    shards_before = set(os.listdir(store.path(layout.shards)))
+    assert "detailed" in exported_captions(store)
 
-    # A spaCy model that does not exist: any new parse would fail. Only thresholds change.
+    def scored_markers() -> list[dict]:
+        return [store.read_marker(layout.scored, u) for u in store.committed_units(layout.scored)]
+
+    markers = scored_markers()
+    only_thresholds = {"text": {"max_objects": {"detailed": 1}}}
     strict = config.model_copy(
-        update={
-            "filter": FilterConfig(
-                spacy_model="no_such_pipeline", text={"max_objects": {"detailed": 1}}
-            )
-        }
+        update={"filter": FilterConfig(**{**config.filter.model_dump(), **only_thresholds})}
     )
     second = run_filter(store, strict, 0)
+    assert scored_markers() == markers  # no caption parsed again: only thresholds changed
     assert second.units_run == first.units_run and second.outputs == 6
+    assert second.notes["units redone: what they are computed from changed"] == first.units_run
     assert all(
-        "detailed" not in r.captions
-        for r in records_from_table(store.read(round_layout(0).filtered))
+        "detailed" not in r.captions for r in records_from_table(store.read(layout.filtered))
     )
-    reasons = store.read(round_layout(0).dropped).column("reason").to_pylist()
+    reasons = store.read(layout.dropped).column("reason").to_pylist()
     assert reasons == ["caption: too many objects"] * 6
     # The same thresholds again: nothing to do.
     assert run_filter(store, strict, 0).units_run == 0
+
+    # Export follows the filtered records: new shards, the old ones gone.
+    again = run_export(store, strict, 0)
+    assert again.units_run == first.units_run
+    assert "detailed" not in exported_captions(store)
+    shards_after = set(os.listdir(store.path(layout.shards)))
+    assert not shards_before & {name for name in shards_after if name.endswith(".tar")}
+    assert run_export(store, strict, 0).units_run == 0
+
+
+def exported_captions(store: Store) -> set[str]:
+    """Caption kinds found in any sample of round 0's shards."""
+    index = store.read_json(round_layout(0).shard_index)
+    kinds = set()
+    for sample in wds.WebDataset(index["shards"], shardshuffle=False).decode():
+        kinds.update(kind for kind, text in sample["json"]["captions"].items() if text)
+    return kinds

@@ -1,8 +1,12 @@
+import subprocess
+import sys
+
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from engine.records import Caption, ImageRecord, Region, records_to_table
-from engine.store import Store, kept_image_ids_by_unit, manifest_view
+from engine.store import Store, fingerprint, kept_image_ids_by_unit, manifest_view
 
 
 def table(ids):
@@ -30,6 +34,36 @@ def test_unit_is_done_only_when_every_dataset_is_committed(store):
     assert store.unit_done("u1", ["manifest", "quarantine"])
     # Recommitting rewrites the same part: no duplicate rows.
     assert store.read("manifest").num_rows == 1
+
+
+def test_a_unit_computed_from_new_inputs_never_overwrites_its_committed_part(store):
+    store.commit_unit("u1", {"ds": table(["a"])}, inputs=fingerprint("threshold", 0.5))
+    first = store.read_marker("ds", "u1")["part"]
+    assert store.is_current("ds", "u1", fingerprint("threshold", 0.5))
+    # A run on a new threshold killed after writing its part, before its marker: the
+    # unit is still the old one, whole.
+    new = fingerprint("threshold", 0.8)
+    with store.fs.open(store.part_path("ds", "u1", new), "wb") as f:
+        pq.write_table(table(["x", "y"]), f)
+    assert store.read("ds").column("image_id").to_pylist() == ["a"]
+    assert not store.is_current("ds", "u1", new) and store.is_committed("ds", "u1")
+
+    store.commit_unit("u1", {"ds": table(["b", "c"])}, inputs=new)
+    assert store.is_current("ds", "u1", new)
+    assert store.read("ds").column("image_id").to_pylist() == ["b", "c"]
+    assert not store.fs.exists(store.path("ds", first))  # the replaced part is removed
+
+
+def test_fingerprints_are_the_same_in_every_process():
+    script = (
+        "from engine.store import fingerprint; "
+        "print(fingerprint({'students': frozenset({'od', 'cap', 'ocr'})}, 0.5))"
+    )
+    runs = {
+        subprocess.run([sys.executable, "-c", script], capture_output=True, text=True).stdout
+        for _ in range(2)
+    }
+    assert runs == {fingerprint({"students": frozenset({"od", "cap", "ocr"})}, 0.5) + "\n"}
 
 
 def test_parts_read_in_unit_order(store):
