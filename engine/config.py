@@ -7,9 +7,10 @@ overrides from the command line address any field by its dotted path
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -431,4 +432,25 @@ def load_config(
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"config {path or '(defaults)'}: {where}: {first['msg']}") from exc
+        message = first["msg"]
+        if first["type"] == "extra_forbidden":
+            near = difflib.get_close_matches(str(first["loc"][-1]), _keys_at(first["loc"][:-1]))
+            message = "unknown key" + (f"; did you mean {near[0]!r}?" if near else "")
+        raise ConfigError(f"config {path or '(defaults)'}: {where}: {message}") from exc
+
+
+def _keys_at(loc: tuple[int | str, ...]) -> list[str]:
+    """The keys valid in the config section at ``loc`` (list indices skipped)."""
+    model: type[BaseModel] = EngineConfig
+    for name in loc:
+        if isinstance(name, int):
+            continue
+        field = model.model_fields.get(name)
+        if field is None:
+            return []
+        types = [field.annotation, *get_args(field.annotation)]
+        sections = [t for t in types if isinstance(t, type) and issubclass(t, BaseModel)]
+        if not sections:
+            return []
+        model = sections[0]
+    return list(model.model_fields)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from engine.config import ConfigError, EngineConfig
 from engine.execution import StageError, ray_session
-from engine.layout import WRITE_LOCK
+from engine.layout import MANIFEST, WRITE_LOCK
 from engine.lock import LockHeld, StoreLock
 from engine.round_state import commit_round, config_digest, record_step
 from engine.store import Store
@@ -78,6 +78,15 @@ def _store(request: Request) -> Store:
     return request.store
 
 
+def _store_with_images(request: Request) -> Store:
+    """The store, which a step asked for alone needs to hold ingested images: on an empty
+    store it would start Ray only to find nothing to do."""
+    store = _store(request)
+    if request.alone and not store.committed_units(MANIFEST):
+        raise PlanError(f"the store {store.url} holds no images yet: run --stage ingest first")
+    return store
+
+
 def _round(request: Request) -> int:
     if request.round_number is None:
         raise PlanError("this step needs a round")
@@ -125,7 +134,7 @@ def _plan_annotate(request: Request) -> Work | None:
     if not _needs_specialists(request, "annotate"):
         return None
     check_specialists(request.config)
-    store, number = _store(request), _round(request)
+    store, number = _store_with_images(request), _round(request)
     return lambda: run_annotate(store, request.config, number)
 
 
@@ -134,7 +143,7 @@ def _plan_merge(request: Request) -> Work | None:
 
     if not _needs_specialists(request, "merge"):
         return None
-    store, number = _store(request), _round(request)
+    store, number = _store_with_images(request), _round(request)
     return lambda: run_merge(store, request.config, number)
 
 
@@ -143,21 +152,21 @@ def _plan_filter(request: Request) -> Work | None:
 
     if not _needs_specialists(request, "filter"):
         return None
-    store, number = _store(request), _round(request)
+    store, number = _store_with_images(request), _round(request)
     return lambda: run_filter(store, request.config, number)
 
 
 def _plan_export(request: Request) -> Work:
     from stages.export import run_export
 
-    store, number = _store(request), _round(request)
+    store, number = _store_with_images(request), _round(request)
     return lambda: run_export(store, request.config, number)
 
 
 def _plan_report(request: Request) -> Work:
     from stages.report import run_report
 
-    store, number = _store(request), _round(request)
+    store, number = _store_with_images(request), _round(request)
     return lambda: run_report(store, request.config, number)
 
 

@@ -43,6 +43,11 @@ INGEST = ["--stage", "ingest", "--config", CONFIG, "--store", "S"]
         (["--stage", "nope"], "invalid choice"),
         (["--stage", "export", "--config", "missing.yaml", "--store", "S"], "cannot read config"),
         ([*EXPORT, "ingest.colour=1"], "colour"),
+        (
+            [*EXPORT, "filter.regon.min_score=1"],
+            "filter.regon: unknown key; did you mean 'region'?",
+        ),
+        (EXPORT, "holds no images yet: run --stage ingest first"),
         ([*EXPORT, "ingest.unit_size=-3"], "unit_size"),
         ([*EXPORT, "--round", "last"], "--round"),
         (["--stage", "export", "--config", CONFIG, "--store", "memory://x"], "not shared"),
