@@ -2,13 +2,15 @@
 
 It reads the round's most finished records (``records_dataset``: filtered, else merged,
 else the manifest), computes with DuckDB the FLD-5B annotation and text tables beside the
-paper's figures, counts by source and by refusal reason, draws histograms and a gallery,
-and writes under ``reports/rNNN/``:
+paper's figures, counts by source and by refusal reason, draws histograms, a gallery and
+the first records dropped for each reason, states the config the records depend on
+(``round_config``), and writes under ``reports/rNNN/``:
 
     index.html          the page (self-contained; everything else is referenced relatively)
-    stats.json          the same tables, for other tools
+    stats.json          the same tables and config, for other tools
     figures/*.png       histograms
     gallery/*.jpg       sample images with their annotations drawn on
+    dropped/*.jpg       the first records the filter set aside for each reason, drawn small
 
 When an evaluation scored the round against ground truth (``rounds/rNNN/quality.json``,
 written by ``refinement.evaluation.write_round_quality``), its table leads the page.
@@ -20,15 +22,24 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 import pyarrow as pa
+import yaml
 
 from engine.config import EngineConfig
 from engine.layout import MANIFEST, QUARANTINE, round_layout
 from engine.records import DROPPED_SCHEMA, QUARANTINE_SCHEMA, RECORD_SCHEMA
+from engine.round_state import RoundState, config_digest, read_round_state
 from engine.store import Store, manifest_view, records_dataset
 from engine.summary import StageSummary
 from stages import report_gallery, report_page, report_rounds, report_stats
+
+# Dropped examples shown per reason: enough to see what a reason catches, few enough
+# that a round with many reasons keeps a short page.
+DROPPED_PER_REASON = 3
+# Longest side of a dropped example's image: a thumbnail beside its reason.
+DROPPED_SIDE = 320
 
 
 def _read(store: Store, dataset: str, schema: pa.Schema, columns: list[str]) -> pa.Table:
@@ -53,6 +64,40 @@ def quality_table(store: Store, round_number: int) -> report_stats.StatTable | N
     )
 
 
+def round_config(config: EngineConfig, state: RoundState | None) -> dict[str, Any]:
+    """What decided the round's records: its specialists, merge and filter settings, and
+    for a refinement round (one with a parent) what its student annotated and the merge
+    policy's thresholds."""
+    stated: dict[str, Any] = {
+        "specialists": [
+            {"name": s.name, "kind": s.kind, "model": s.model, "revision": s.revision}
+            for s in config.annotate.specialists
+        ],
+        "merge": config.merge.model_dump(mode="json"),
+        "filter": config.filter.model_dump(mode="json"),
+    }
+    if state is not None and state.parent is not None:
+        stated["refine"] = {
+            "annotate_tasks": list(config.refine.annotate_tasks),
+            "policy": config.refine.policy.model_dump(mode="json"),
+        }
+    return stated
+
+
+def config_text(config: EngineConfig, state: RoundState | None) -> str:
+    """``round_config`` as YAML, headed by a comment when the round's filter step ran with
+    another config than this run's: the report states this run's, which may not be the
+    one that made the records (a report can be rerun alone with other overrides)."""
+    text = yaml.safe_dump(round_config(config, state), sort_keys=False)
+    step = None if state is None else state.steps.get("filter")
+    if step is not None and step["config"] != config_digest(config):
+        text = (
+            f"# the round's filter step ran with config {step['config']}, this report with "
+            f"{config_digest(config)}: the values below are this report's\n{text}"
+        )
+    return text
+
+
 def run_report(store: Store, config: EngineConfig, round_number: int) -> StageSummary:
     """Write ``reports/rNNN/`` for round ``round_number``; works on an empty store too.
 
@@ -68,9 +113,11 @@ def run_report(store: Store, config: EngineConfig, round_number: int) -> StageSu
     records = manifest_view(read) if dataset == MANIFEST else read
     quarantine = _read(store, QUARANTINE, QUARANTINE_SCHEMA, ["item", "reason"])
     dropped = _read(store, layout.dropped, DROPPED_SCHEMA, ["reason"])
+    state = read_round_state(store, round_number)
 
     with report_stats.connect(records) as con:
         parsed = report_stats.parse_missing_stats(con, config.report.spacy_model)
+        by_reason = report_stats.reason_table(con, dropped, "dropped", "Dropped records by reason")
         tables = [
             report_stats.annotation_table(con),
             report_stats.text_table(con),
@@ -78,7 +125,7 @@ def run_report(store: Store, config: EngineConfig, round_number: int) -> StageSu
             report_stats.reason_table(
                 con, quarantine, "quarantine", "Quarantined inputs by reason"
             ),
-            report_stats.reason_table(con, dropped, "dropped", "Dropped records by reason"),
+            by_reason,
         ]
         tokens = report_stats.caption_tokens(con)
         regions = report_stats.regions_per_image(con)
@@ -112,13 +159,26 @@ def run_report(store: Store, config: EngineConfig, round_number: int) -> StageSu
             store.write_bytes(f"{base}/{src}", png)
             figures.append((src, title))
 
-    images = report_gallery.manifest_images(store, chosen)
+    reasons = {reason: min(n, DROPPED_PER_REASON) for reason, n in by_reason.rows}
+    examples = report_gallery.dropped_examples(store, layout.dropped, reasons)
+    # One pass over the manifest for the gallery's and the dropped examples' images.
+    images = report_gallery.manifest_images(
+        store, [*chosen, *(record.image_id for _, record in examples)]
+    )
     gallery = []
     for record in report_gallery.records_for(records, chosen):
         if record.image_id in images:
             src = f"gallery/{record.image_id}.jpg"
             store.write_bytes(f"{base}/{src}", report_gallery.draw(record, images[record.image_id]))
             gallery.append(report_page.GalleryItem(record, src))
+    dropped_items = []
+    for n, (reason, record) in enumerate(examples):
+        # Numbered: one image may be dropped in parts for several reasons.
+        src = f"dropped/{n:03d}.jpg" if record.image_id in images else None
+        if src is not None:
+            drawn = report_gallery.draw(record, images[record.image_id], DROPPED_SIDE)
+            store.write_bytes(f"{base}/{src}", drawn)
+        dropped_items.append(report_page.DroppedItem(record, reason, src))
 
     title = f"FLD data engine report, round {round_number}"
     facts = [
@@ -131,10 +191,20 @@ def run_report(store: Store, config: EngineConfig, round_number: int) -> StageSu
         "round": round_number,
         "dataset": dataset,
         "records": records.num_rows,
+        "config": round_config(config, state),
         "tables": {table.name: table.as_json() for table in tables},
     }
     store.write_bytes(f"{base}/stats.json", json.dumps(stats, indent=2).encode())
-    page = report_page.render(title, facts, tables, figures, gallery, empty=records.num_rows == 0)
+    page = report_page.render(
+        title,
+        facts,
+        tables,
+        figures,
+        gallery,
+        dropped_items,
+        config_text(config, state),
+        empty=records.num_rows == 0,
+    )
     store.write_bytes(f"{base}/index.html", page.encode())
 
     return StageSummary(

@@ -8,7 +8,7 @@ for the grounded phrases listed under the image, so a phrase and its box match.
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import duckdb
 import pyarrow as pa
@@ -55,6 +55,34 @@ def records_for(records: pa.Table, image_ids: Sequence[str]) -> list[ImageRecord
     return [by_id[i] for i in image_ids if i in by_id]
 
 
+def dropped_examples(
+    store: Store, dataset: str, wanted: Mapping[str, int]
+) -> list[tuple[str, ImageRecord]]:
+    """Up to ``wanted[reason]`` rows of the dropped ``dataset`` per reason, as
+    ``(reason, record)`` in the order of ``wanted``, the first rows in unit order.
+
+    Reads each unit's reason column, and the rest of a unit only when it holds a wanted
+    row; stops once every reason has its rows. Memory stays bounded by one part.
+    """
+    left = dict(wanted)
+    found: dict[str, list[ImageRecord]] = {reason: [] for reason in wanted}
+    for unit in store.committed_units(dataset):
+        if not any(n > 0 for n in left.values()):
+            break
+        reasons = store.read_unit(dataset, unit, columns=["reason"]).column("reason")
+        rows = []
+        for row, reason in enumerate(reasons.to_pylist()):
+            if left.get(reason, 0) > 0:
+                left[reason] -= 1
+                rows.append(row)
+        if rows:
+            part = store.read_unit(dataset, unit).take(rows)
+            records = records_from_table(part)
+            for reason, record in zip(part.column("reason").to_pylist(), records, strict=True):
+                found[reason].append(record)
+    return [(reason, record) for reason, records in found.items() for record in records]
+
+
 def manifest_images(store: Store, image_ids: Sequence[str]) -> dict[str, bytes]:
     """JPEG bytes of ``image_ids`` from the manifest, the first copy in unit order.
 
@@ -78,11 +106,11 @@ def manifest_images(store: Store, image_ids: Sequence[str]) -> dict[str, bytes]:
     return images
 
 
-def draw(record: ImageRecord, jpeg: bytes) -> bytes:
-    """The image with the record's regions drawn on, as JPEG, ``SIDE`` pixels on its long side."""
+def draw(record: ImageRecord, jpeg: bytes, side: int = SIDE) -> bytes:
+    """The image with the record's regions drawn on, as JPEG, ``side`` pixels on its long side."""
     with Image.open(io.BytesIO(jpeg)) as opened:
         image = opened.convert("RGB")
-    scale = SIDE / max(image.size)
+    scale = side / max(image.size)
     image = image.resize((round(image.width * scale), round(image.height * scale)), Image.LANCZOS)
     sx, sy = image.width / max(record.width, 1), image.height / max(record.height, 1)
 

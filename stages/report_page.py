@@ -23,7 +23,7 @@ from stages.report_gallery import region_colour
 from stages.report_stats import PAPER_SUFFIX, StatTable
 
 CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1400px; }
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
 table { border-collapse: collapse; margin: 0.5em 0 0.3em; font-size: 14px; }
 th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
 th { background: #f0f0f0; }
@@ -31,10 +31,16 @@ td.text { text-align: left; }
 td.paper, th.paper { color: #777; font-style: italic; background: #fafafa; }
 p.note { color: #555; font-size: 13px; max-width: 1000px; }
 .figures img { max-width: 32%; margin-right: 1%; }
-.gallery { display: flex; flex-wrap: wrap; gap: 16px; }
-.gallery figure { margin: 0; width: 420px; border: 1px solid #ddd; padding: 8px; }
+/* As many columns as the window holds: a wide screen shows more images, a narrow one fewer. */
+.gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(360px, 1fr));
+           gap: 16px; align-items: start; }
+.gallery.dropped { grid-template-columns: repeat(auto-fill, minmax(260px, 1fr)); }
+.gallery figure { margin: 0; border: 1px solid #ddd; padding: 8px; min-width: 0; }
 .gallery img { max-width: 100%; display: block; }
-.gallery figcaption { font-size: 13px; }
+.gallery figcaption { font-size: 13px; overflow-wrap: anywhere; }
+.gallery .reason { font-weight: bold; color: #a00; }
+pre.config { background: #f7f7f7; border: 1px solid #ddd; padding: 8px; font-size: 13px;
+             overflow-x: auto; }
 .swatch { display: inline-block; width: 0.9em; height: 0.9em; margin-right: 2px;
           vertical-align: middle; border: 1px solid #0003; }
 .empty { padding: 1em; background: #fff6d6; border: 1px solid #e0c060; }
@@ -47,6 +53,26 @@ class GalleryItem:
     record: ImageRecord
     # Path of the drawn image, relative to the page.
     src: str
+
+
+@dataclass
+class DroppedItem:
+    """What a filter set aside for ``reason``: a whole record or only its dropped parts."""
+
+    record: ImageRecord
+    reason: str
+    # Path of the drawn image, relative to the page; None when the manifest lacks it.
+    src: str | None
+
+
+def file_name(uri: str) -> str:
+    """The last part of ``uri``'s path, the member's for a tar member (``x.tar#dir/cat.jpg``).
+
+    This is the name a person looks for in their input folder; an image id is not.
+    """
+    _, in_tar, member = uri.rpartition(".tar#")
+    path = member if in_tar else uri
+    return path.rstrip("/").rsplit("/", 1)[-1] or uri
 
 
 def integer_bins(series: dict[str, Sequence[float]]) -> list[float]:
@@ -120,6 +146,12 @@ def _swatches(region_indices: Sequence[int]) -> str:
     )
 
 
+def _name_html(record: ImageRecord) -> str:
+    # The id and full uri stay a hover away, for looking the record up in the store.
+    title = escape(f"{record.image_id}\n{record.uri}")
+    return f'<b class="name" title="{title}">{escape(file_name(record.uri))}</b>'
+
+
 def _gallery_item_html(item: GalleryItem) -> str:
     record = item.record
     captions = "".join(
@@ -133,13 +165,54 @@ def _gallery_item_html(item: GalleryItem) -> str:
     )
     kinds = Counter(region.kind for region in record.regions)
     counts = ", ".join(f"{n} {kind}" for kind, n in kinds.items()) or "no regions"
+    name = escape(file_name(record.uri))
     return (
         f'<figure data-image-id="{escape(record.image_id)}">'
-        f'<img src="{escape(item.src)}" alt="{escape(record.image_id)}">'
-        f"<figcaption><div>{escape(record.image_id)} · {record.width}×{record.height} · "
+        f'<img src="{escape(item.src)}" alt="{name}">'
+        f"<figcaption><div>{_name_html(record)} · {record.width}×{record.height} · "
         f"{escape(record.source)} · {escape(counts)}</div>"
         f'<ul class="captions">{captions}</ul>'
         f'<ul class="phrases">{phrases}</ul></figcaption></figure>'
+    )
+
+
+# Regions listed under a dropped example: an image dropped whole may hold a hundred.
+MAX_LISTED_REGIONS = 8
+
+
+def _score(score: float | None) -> str:
+    return "" if score is None else f" {score:.2f}"
+
+
+def _dropped_item_html(item: DroppedItem) -> str:
+    record = item.record
+    shown = record.regions[:MAX_LISTED_REGIONS]
+    lines = [
+        f"<li><b>{escape(kind)}</b>: {escape(c.text)}</li>" for kind, c in record.captions.items()
+    ]
+    lines += [
+        f"<li>{_swatches([i])} {escape(r.kind)} <b>{escape(r.text)}</b>{_score(r.score)} "
+        f"<small>({escape(r.source)})</small></li>"
+        for i, r in enumerate(shown)
+    ]
+    if len(record.regions) > len(shown):
+        lines.append(f"<li>… and {len(record.regions) - len(shown)} more regions</li>")
+    # A dropped phrase's region indices refer to the record as scored, not to this part.
+    lines += [
+        f"<li>phrase <b>{escape(p.text)}</b>{_score(p.score)} <small>(in the {escape(p.caption)} "
+        "caption)</small></li>"
+        for p in record.phrases
+    ]
+    image = (
+        ""
+        if item.src is None
+        else f'<img src="{escape(item.src)}" alt="{escape(file_name(record.uri))}">'
+    )
+    return (
+        f'<figure data-image-id="{escape(record.image_id)}" data-reason="{escape(item.reason)}">'
+        f'{image}<figcaption><div class="reason">{escape(item.reason)}</div>'
+        f"<div>{_name_html(record)} · {escape(record.source)}</div>"
+        f"<ul>{''.join(lines)}</ul></figcaption></figure>"
     )
 
 
@@ -149,9 +222,12 @@ def render(
     tables: Sequence[StatTable],
     figures: Sequence[tuple[str, str]],
     gallery: Sequence[GalleryItem],
+    dropped: Sequence[DroppedItem],
+    config: str,
     empty: bool,
 ) -> str:
-    """The page: ``facts`` listed at the top, then tables, ``(src, alt)`` figures, gallery."""
+    """The page: ``facts`` listed at the top, then tables, ``(src, alt)`` figures, gallery,
+    dropped examples, and ``config`` (text shown as it is) last."""
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -171,6 +247,19 @@ def render(
     parts.append(f'<h2 id="gallery">Gallery ({len(gallery)} images)</h2>')
     parts.append(
         '<div class="gallery">' + "".join(_gallery_item_html(item) for item in gallery) + "</div>"
+    )
+    parts.append(f'<h2 id="dropped-examples">Dropped examples ({len(dropped)})</h2>')
+    parts.append(
+        '<p class="note">The first records set aside for each reason, as dropped: a whole '
+        "image, or only the captions, regions and phrases a filter took from it.</p>"
+    )
+    parts.append(
+        '<div class="gallery dropped">'
+        + "".join(_dropped_item_html(item) for item in dropped)
+        + "</div>"
+    )
+    parts.append(
+        f'<h2 id="config">Config and thresholds</h2><pre class="config">{escape(config)}</pre>'
     )
     parts.append("</body></html>")
     return "\n".join(parts)

