@@ -2,7 +2,9 @@
 detections (``specialists.world``): no model, so every detection error shows.
 
 - ``TemplateCaptioner``: captions from a template over the detections (counts,
-  colours, sizes, positions on a 3x3 grid, the background's named colour).
+  colours, sizes, positions on a 3x3 grid, the background's named colour); none for
+  an image the world does not explain (``specialists.world.world_fit``), where "a
+  plain sand background" would be a confident description of a photo it cannot see.
 - ``PhraseGrounder``: "<colour> <shape>" mentions in the captions (with a size word,
   or plural), grounded to the detections of that colour and shape.
 
@@ -23,7 +25,15 @@ from engine.records import CAPTION_KINDS, Caption, Phrase, Region
 from engine.world.captions import NUMBER_WORDS, POSITIONS
 from engine.world.drawing import BACKGROUND_COLOURS, COLOURS, SHAPES, SIGN_PLATES, SIZES
 from specialists.base import Annotations, Specialist, SpecialistInput
-from specialists.world import SIGN
+from specialists.world import (
+    COLOUR_TOLERANCE,
+    FULL_FIT,
+    MIN_FIT,
+    SIGN,
+    fit_factor,
+    quantise,
+    world_fit,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,16 +83,26 @@ class TemplateCaptioner(Specialist):
     needs = frozenset({"objects"})
     produces = frozenset({"captions"})
 
-    def __init__(self, config: SpecialistConfig, max_described: int = 4) -> None:
+    def __init__(
+        self,
+        config: SpecialistConfig,
+        max_described: int = 4,
+        min_fit: float = MIN_FIT,
+        full_fit: float = FULL_FIT,
+    ) -> None:
         """``max_described``: objects the detailed caption describes one by one, largest
         first (the more detailed caption describes twice as many); the rest are
-        counted. More gives longer captions and more chances to repeat a detector error."""
+        counted. More gives longer captions and more chances to repeat a detector error.
+        ``min_fit`` / ``full_fit``: as ``ShapeDetector``'s; at or below ``min_fit`` the
+        image gets no captions."""
         super().__init__(config)
         self.max_described = max_described
+        self.min_fit = min_fit
+        self.full_fit = full_fit
 
     @property
     def model_revision(self) -> str:
-        return "world-captions@1"
+        return "world-captions@2"
 
     def setup(self) -> None:
         """Nothing to load."""
@@ -92,6 +112,10 @@ class TemplateCaptioner(Specialist):
 
     def _caption(self, item: SpecialistInput) -> Annotations:
         pixels = np.asarray(item.image.convert("RGB"))
+        fit = world_fit(pixels, quantise(pixels, COLOUR_TOLERANCE))
+        factor = fit_factor(fit, self.min_fit, self.full_fit)
+        if factor == 0.0:
+            return Annotations()
         height, width = pixels.shape[:2]
         covered = np.zeros((height, width), bool)
         seen, scores = [], []
@@ -109,7 +133,9 @@ class TemplateCaptioner(Specialist):
             seen.append(_Seen(words[-2], words[-1], size, POSITIONS[(column, row)], area))
             scores.append(1.0 if region.score is None else region.score)
         background = _background_word(pixels, covered)
-        score = float(np.mean(scores)) if scores else 0.0
+        # The background word and the count are claims of the captioner's own, so its
+        # fit scales the score even when the boxes' scores already carry one.
+        score = float(np.mean(scores)) * factor if scores else 0.0
         texts = {
             "brief": self._brief(seen, background),
             "detailed": self._detailed(seen, background, self.max_described),

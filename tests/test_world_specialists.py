@@ -6,15 +6,27 @@ import io
 
 import numpy as np
 import pytest
+import skimage.data
 from PIL import Image, ImageDraw
 
-from engine.config import SpecialistConfig
+from engine.config import RegionFilterConfig, SpecialistConfig
 from engine.records import ImageRecord, Region
 from engine.world import render_image
 from engine.world.drawing import COLOURS, SHAPES
 from refinement.metrics import evaluate
 from specialists.base import SpecialistInput
-from specialists.world import _PROTOTYPES, BoxPolygonMaker, ShapeDetector
+from specialists.world import (
+    _PROTOTYPES,
+    COLOUR_TOLERANCE,
+    FULL_FIT,
+    MIN_FIT,
+    BoxPolygonMaker,
+    ShapeDetector,
+    _components,
+    fit_factor,
+    quantise,
+    world_fit,
+)
 from specialists.world_text import PhraseGrounder, TemplateCaptioner
 
 CONFIG = SpecialistConfig(name="world", kind="specialists.world:ShapeDetector")
@@ -140,3 +152,53 @@ def test_gradient_background_reaching_a_palette_colour_is_a_false_positive() -> 
     pixels[:40] = 128  # the bright end as a patch, not a whole column
     regions = _detect(Image.fromarray(pixels))
     assert regions and all(r.text.startswith("white ") for r in regions)
+
+
+def _fit(image: Image.Image) -> float:
+    pixels = np.asarray(image)
+    return world_fit(pixels, quantise(pixels, COLOUR_TOLERANCE))
+
+
+def test_world_images_keep_their_shapes_and_scores(world, detections) -> None:
+    """The world's own images are explained in full, so nothing is scaled: the
+    detections are the classifier's, as before the world fit existed."""
+    detector = ShapeDetector(CONFIG)
+    for (_, image), record in zip(world, detections, strict=True):
+        assert _fit(image) >= FULL_FIT
+        pixels = np.asarray(image)
+        raw = _components(pixels, quantise(pixels, COLOUR_TOLERANCE), detector)
+        assert [(r.box, r.score) for r in record.regions] == [(c.box, c.score) for c in raw]
+    scores = [r.score for record in detections for r in record.regions]
+    assert np.mean(np.array(scores) >= RegionFilterConfig().min_score) > 0.7
+
+
+@pytest.mark.parametrize("name", ["astronaut", "coffee", "chelsea"])
+def test_photos_get_no_shapes_and_no_captions(name: str) -> None:
+    """A photo is not the world: before the fit, the astronaut became "53 colorful
+    shapes on a sand background" with stars scored up to 0.92."""
+    image = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+    assert _fit(image) < MIN_FIT
+    regions = _detect(image)
+    threshold = RegionFilterConfig().min_score
+    assert all(r.score < threshold for r in regions)
+    # Boxes from any other detector get no world polygon either.
+    box = Region((10.0, 10.0, 100.0, 100.0), "red circle", "object", "owl", score=0.9)
+    record = ImageRecord("x", "x.png", "test", image.width, image.height, "0", regions=[box])
+    item = SpecialistInput(record, image)
+    polygons = BoxPolygonMaker(CONFIG).annotate([item])[0].regions
+    assert all(r.score < threshold for r in polygons)
+    assert TemplateCaptioner(CONFIG).annotate([item])[0].captions == {}
+
+
+def test_a_partly_explained_image_gets_scaled_scores() -> None:
+    """A world image with a photo over a fifth of it: its shapes are still found, but
+    scored lower by the share the world does not explain."""
+    image = Image.open(io.BytesIO(render_image(3, 0).png)).convert("RGB")
+    patch = Image.fromarray(skimage.data.astronaut()).resize((image.width // 5, image.height))
+    image.paste(patch, (image.width - patch.width, 0))
+    factor = fit_factor(_fit(image))
+    assert 0.0 < factor < 1.0
+    pixels = np.asarray(image)
+    raw = _components(pixels, quantise(pixels, COLOUR_TOLERANCE), ShapeDetector(CONFIG))
+    assert raw
+    assert [r.score for r in _detect(image)] == pytest.approx([c.score * factor for c in raw])
