@@ -18,6 +18,7 @@ cause, so the stage still ends complete in one run."""
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections import deque
@@ -164,10 +165,23 @@ class _Pool:
     def next_call(self) -> _Call | None:
         while self.units and self.open_jobs < self.max_open_jobs:
             job = self.open_unit(self.units.popleft())
-            job.open_calls = 1
+            parts = self._parts(job.size)
+            job.open_calls = len(parts)
             self.open_jobs += 1
-            self.calls.append(_Call(job))
+            self.calls.extend(_Call(job, part) for part in parts)
         return self.calls.popleft() if self.calls else None
+
+    def _parts(self, size: int) -> list[tuple[int, ...] | None]:
+        """How a unit is spread over the pool: whole on one actor (which commits it), or,
+        when the pool has several actors and the unit several batches, in up to one part
+        per actor, so a unit larger than a batch keeps every actor busy; the parts'
+        annotations come back here and one more call commits the unit."""
+        batches = math.ceil(size / self.spec.batch_size)
+        count = min(self.spec.pool_size, batches)
+        if count <= 1:
+            return [None]
+        bounds = [round(k * size / count) for k in range(count + 1)]
+        return [tuple(range(bounds[k], bounds[k + 1])) for k in range(count)]
 
     def submit(self, actor_index: int, call: _Call) -> ray.ObjectRef:
         self.idle.discard(actor_index)
@@ -203,7 +217,9 @@ class _Pool:
                 summary.add(value)
                 summary.units_run += 1
                 return None
-            job.results.update(zip(call.indices, value, strict=True))
+            results, notes = value
+            job.results.update(zip(call.indices, results, strict=True))
+            summary.notes.update(notes)
         if job.open_calls == 0 and not job.failed:
             job.open_calls = 1
             self.calls.appendleft(_Call(job))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import sys
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -109,15 +110,19 @@ class SpecialistActor:
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=config.name)
         self.model_thread.submit(self.specialist.setup).result()
 
-    def annotate_images(self, prepared: PreparedUnit, indices: Sequence[int]) -> list[Result]:
-        """Annotate the images at ``indices`` of a unit without committing anything: the
-        driver asks for parts of a unit when a whole one took the process down."""
+    def annotate_images(
+        self, prepared: PreparedUnit, indices: Sequence[int]
+    ) -> tuple[list[Result], Counter[str]]:
+        """Annotate the images at ``indices`` of a unit without committing anything, with
+        the notes of what was done (halved batches): the driver spreads a unit over the
+        pool this way, and narrows one down that took the process down."""
         items = [
             SpecialistInput(prepared.records[i], Image.fromarray(prepared.pixels[i]))
             for i in indices
         ]
-        notes = StageSummary("annotate")
-        return annotate_resilient(self._annotate_batch, items, self.config.batch_size, notes)
+        done = StageSummary("annotate")
+        results = annotate_resilient(self._annotate_batch, items, self.config.batch_size, done)
+        return results, done.notes
 
     def run_unit(
         self, prepared: PreparedUnit, inputs: str, known: Mapping[int, Result] | None = None

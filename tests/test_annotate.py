@@ -17,6 +17,7 @@ from tests.inputs import encode, photo, write_coco
 BASE = load_config("engine/configs/test.yaml")
 CAPTIONER = "tests.specialists_for_tests:SizeCaptioner"
 GROUNDER = "tests.specialists_for_tests:FirstWordGrounder"
+FAULTY = "tests.specialists_for_tests:FaultyCaptioner"
 
 
 def with_specialists(*specs: SpecialistConfig):
@@ -119,6 +120,19 @@ def test_needs_get_upstream_and_human_captions_and_rerun_skips(store):
     assert [e for _, e in read(store, "cap").values() if e] == [
         "ValueError: cannot read an image 41 wide"
     ]
+
+
+def test_a_unit_larger_than_a_batch_is_spread_over_the_pool(store, tmp_path):
+    busy = tmp_path / "busy"
+    busy.touch()
+    # Units of four and two images; batches of one; two actors.
+    faulty = spec("cap", FAULTY, batch_size=1, pool_size=2, options={"busy_file": str(busy)})
+    summary = run_annotate(store, with_specialists(faulty), 0)
+    assert summary.units_run == 2 and summary.outputs == 6
+    assert len(set(busy.read_text().split())) == 2  # both actors annotated
+    out = read(store, "cap")
+    assert all(r.captions["brief"].text == r.uri.rsplit("/", 1)[1] for r, _ in out.values())
+    assert all(error is None for _, error in out.values())
 
 
 def test_actors_that_cannot_fit_are_refused_before_they_hang(store):
