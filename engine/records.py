@@ -10,6 +10,7 @@ labels that came in with the input).
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,9 @@ REGION_KINDS: tuple[str, ...] = ("object", "ocr", "proposal")
 HUMAN_PREFIX = "human:"
 
 Box = tuple[float, float, float, float]
+# A COCO image or category id as the user's file has it: COCO uses integers, some
+# COCO-like files strings; either is kept as it came, so an export can give it back.
+CocoId = int | str
 
 
 @dataclass(slots=True)
@@ -59,6 +63,8 @@ class Region:
     polygons: list[list[float]] | None = None
     # OCR quadrilateral, clockwise from top-left: [x1, y1, ..., x4, y4].
     quad: list[float] | None = None
+    # The category id of a box that came from a COCO file; None for every other region.
+    category_id: CocoId | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in REGION_KINDS:
@@ -99,6 +105,9 @@ class ImageRecord:
     captions: dict[str, Caption] = field(default_factory=dict)
     regions: list[Region] = field(default_factory=list)
     phrases: list[Phrase] = field(default_factory=list)
+    # The image's id in the COCO file that named it (the first one, when several did);
+    # None for images that came without COCO labels.
+    coco_image_id: CocoId | None = None
 
     def __post_init__(self) -> None:
         unknown = set(self.captions) - set(CAPTION_KINDS)
@@ -136,6 +145,9 @@ def image_id_for(sha256_hex: str) -> str:
 
 # ---------------------------------------------------------------- Arrow schemas
 
+# COCO ids are stored as their JSON text (``397133``, ``"a7"``): one column holds
+# integers and strings alike, each read back as the type it had, at any size.
+COCO_ID_TYPE = pa.string()
 _LINEAGE = [
     pa.field("source", pa.string(), nullable=False),
     pa.field("score", pa.float64()),
@@ -162,6 +174,7 @@ REGION_TYPE = pa.struct(
         *_LINEAGE,
         pa.field("polygons", pa.list_(pa.list_(pa.float64()))),
         pa.field("quad", pa.list_(pa.float64(), 8)),
+        pa.field("category_id", COCO_ID_TYPE),
     ]
 )
 PHRASE_TYPE = pa.struct(
@@ -185,6 +198,7 @@ RECORD_SCHEMA = pa.schema(
         pa.field("captions", pa.struct([pa.field(k, CAPTION_TYPE) for k in CAPTION_KINDS])),
         pa.field("regions", pa.list_(REGION_TYPE)),
         pa.field("phrases", pa.list_(PHRASE_TYPE)),
+        pa.field("coco_image_id", COCO_ID_TYPE),
     ]
 )
 # The manifest also holds the image itself: RGB JPEG bytes, EXIF orientation applied.
@@ -213,7 +227,18 @@ QUARANTINE_SCHEMA = pa.schema(
 def _record_row(record: ImageRecord) -> dict[str, Any]:
     row = dataclasses.asdict(record)
     row["captions"] = {kind: row["captions"].get(kind) for kind in CAPTION_KINDS}
+    row["coco_image_id"] = _coco_id_text(record.coco_image_id)
+    for region in row["regions"]:
+        region["category_id"] = _coco_id_text(region["category_id"])
     return row
+
+
+def _coco_id_text(value: CocoId | None) -> str | None:
+    return None if value is None else json.dumps(value)
+
+
+def _coco_id(text: str | None) -> CocoId | None:
+    return None if text is None else json.loads(text)
 
 
 def records_to_table(
@@ -248,7 +273,8 @@ def _caption_from_row(row: dict[str, Any] | None) -> Caption | None:
 
 
 def record_from_row(row: dict[str, Any]) -> ImageRecord:
-    """One row of a table in any of the record layouts (extra columns are ignored)."""
+    """One row of a table in any of the record layouts. Extra columns are ignored; the
+    COCO ids, absent from parts written before they were kept, are read as None."""
     captions = {}
     for kind in CAPTION_KINDS:
         caption = _caption_from_row((row.get("captions") or {}).get(kind))
@@ -264,6 +290,8 @@ def record_from_row(row: dict[str, Any]) -> ImageRecord:
             round=r["round"],
             polygons=[_floats(p) for p in r["polygons"]] if r["polygons"] is not None else None,
             quad=_floats(r["quad"]),
+            # Absent from parts written before COCO ids were kept.
+            category_id=_coco_id(r.get("category_id")),
         )
         for r in row.get("regions") or []
     ]
@@ -278,6 +306,7 @@ def record_from_row(row: dict[str, Any]) -> ImageRecord:
         captions=captions,
         regions=regions,
         phrases=phrases,
+        coco_image_id=_coco_id(row.get("coco_image_id")),
     )
 
 
@@ -293,8 +322,9 @@ def quarantine_to_table(entries: Sequence[QuarantineEntry]) -> pa.Table:
 # ---------------------------------------------------------------- exported samples
 #
 # The ``<key>.json`` of a WebDataset sample (DESIGN.md, export format). It carries the
-# regions' lineage but not the captions' or phrases', nor ``uri`` and ``sha256``: a
-# trainer needs none of them, and the image's bytes travel beside the JSON.
+# image's provenance (``uri``, ``source``) and the regions' lineage, but not the
+# captions' or phrases', nor ``sha256`` and the COCO ids: a trainer needs none of them,
+# the image's bytes travel beside the JSON, and the COCO ids are in ``coco.json``.
 
 
 def record_to_sample(record: ImageRecord) -> dict[str, Any]:
@@ -305,6 +335,7 @@ def record_to_sample(record: ImageRecord) -> dict[str, Any]:
     """
     return {
         "image_id": record.image_id,
+        "uri": record.uri,
         "width": record.width,
         "height": record.height,
         "source": record.source,
@@ -339,15 +370,18 @@ def record_from_sample(sample: Any) -> ImageRecord:
 
     The inverse of :func:`record_to_sample`: every field of the format must be present
     with its type (``null`` only where the format allows it), and keys outside the format
-    (``florence2``) are ignored. What the format does not carry comes back empty: ``uri``
-    and ``sha256`` ``""``, the captions' and phrases' ``source`` ``""`` with ``score`` and
-    ``round`` None, the regions' ``round`` None. Values are checked, not cross-checked:
+    (``florence2``) are ignored. ``uri`` may be absent, as in shards exported before it
+    was added, and comes back ``""`` then. What the format does not carry comes back
+    empty: ``sha256`` ``""``, the captions' and phrases' ``source`` ``""`` with ``score``
+    and ``round`` None, the regions' ``round`` and ``category_id`` None, the record's
+    ``coco_image_id`` None. Values are checked, not cross-checked:
     a non-finite box or a phrase pointing past the regions is left for the reader to
     ignore, as the engine's own stages do.
     """
     if not isinstance(sample, dict):
         raise ValueError(f"a sample is a JSON object, not {_kind(sample)}")
     image_id = _get(sample, "image_id", "sample", str)
+    uri = _get(sample, "uri", "sample", str) if "uri" in sample else ""
     source = _get(sample, "source", "sample", str)
     width, height = (_get(sample, key, "sample", int) for key in ("width", "height"))
     if width <= 0 or height <= 0:
@@ -402,7 +436,7 @@ def record_from_sample(sample: Any) -> ImageRecord:
         )
     return ImageRecord(
         image_id=image_id,
-        uri="",
+        uri=uri,
         source=source,
         width=width,
         height=height,

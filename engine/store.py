@@ -260,7 +260,12 @@ class Store:
         path = self._marked_part(dataset, marker)
         try:
             with self.fs.open(path, "rb") as f:
-                table = pq.read_table(f, columns=columns)
+                parquet = pq.ParquetFile(f)
+                # A part written before a column was added lacks it: read what it has,
+                # and let the reader take the missing column as absent.
+                present = set(parquet.schema_arrow.names)
+                wanted = None if columns is None else [c for c in columns if c in present]
+                table = parquet.read(columns=wanted)
         except (pa.ArrowException, OSError) as exc:
             # Markers without a size cannot catch a truncated part before Parquet does.
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import posixpath
+import re
 import tarfile
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pycocotools import mask as mask_utils
@@ -29,6 +33,7 @@ from engine.layout import MANIFEST, RoundLayout, round_layout
 from engine.records import (
     IMAGE_COLUMN,
     RECORD_SCHEMA,
+    CocoId,
     ImageRecord,
     record_to_sample,
     records_from_table,
@@ -39,6 +44,8 @@ from refinement.targets import florence2_targets
 
 # Fixed tar timestamps: exporting the same records twice gives identical bytes.
 TAR_MTIME = 0
+# Where a uri's tail is cut to name an image in coco.json: folders, and tar members.
+_SEPARATOR = re.compile("[/#]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,8 +197,9 @@ class ShardWriter:
 
 
 def sample_json(record: ImageRecord) -> dict[str, Any]:
-    """The ``<key>.json`` of a sample, exactly as DESIGN.md's export format: the record
-    (``engine.records.record_to_sample``) and its Florence-2 task targets."""
+    """The ``<key>.json`` of a sample in DESIGN.md's export format, plus the image's
+    ``uri``: the record (``engine.records.record_to_sample``) and its Florence-2 task
+    targets."""
     targets = [
         {"task": t.task, "input": t.input, "target": t.target} for t in florence2_targets(record)
     ]
@@ -223,51 +231,150 @@ def write_coco(
 ) -> None:
     """A COCO detection file of the exported object regions, loadable by pycocotools.
 
-    Images are named ``<image_id>.jpg`` as in the shards. OCR regions and proposals are
-    not COCO categories and are left to the shards' JSON.
+    It keeps the user's names and ids, so ``COCOeval`` against the user's own ground
+    truth needs no remapping:
+
+    - ``file_name``: the image's original file name, the last part of its uri; where
+      exported images share one, each takes as many of its folders as tell it apart
+      (``a/0.jpg``, ``b/0.jpg``; a tar member counts its shard as a folder). A COCO
+      file's own ``file_name`` folders are kept only that way. ``fld_image_id`` (the key
+      of the image's shard sample) and ``fld_uri`` say which record each image is.
+    - ``id``: an image ingested from a COCO file keeps its id there; any other image,
+      and any that finds its id taken (two COCO files can give two images one id; the
+      first in export order keeps it), gets one that no original id takes.
+    - categories: a human box keeps its COCO category id and name; any other object
+      region takes the id of the user's category of the same name, else one that no
+      original id takes. Only categories that label some exported human box are known
+      here: a COCO file's categories without boxes are not kept by ingest.
+
+    OCR regions and proposals are not COCO categories and are left to the shards' JSON.
     """
-    images, annotations = [], []
-    categories: dict[str, int] = {}
+    records = []
     for unit in units:
         wanted = set(unit.image_ids)
-        records = store.read_unit(dataset, unit.key, columns=RECORD_SCHEMA.names)
-        for record in records_from_table(records):
-            if record.image_id not in wanted:
-                continue
-            image_number = len(images) + 1
-            images.append(
-                {
-                    "id": image_number,
-                    "file_name": f"{record.image_id}.jpg",
-                    "width": record.width,
-                    "height": record.height,
-                    "fld_image_id": record.image_id,
-                }
-            )
-            for region in record.regions:
-                if region.kind != "object":
-                    continue
-                x0, y0, x1, y1 = region.box
-                category = categories.setdefault(region.text, len(categories) + 1)
-                annotation = {
-                    "id": len(annotations) + 1,
-                    "image_id": image_number,
-                    "category_id": category,
-                    "bbox": [x0, y0, x1 - x0, y1 - y0],
-                    "area": (x1 - x0) * (y1 - y0),
-                    "iscrowd": 0,
-                    "score": region.score,
-                    "source": region.source,
-                }
-                if region.polygons:
-                    annotation["segmentation"] = region.polygons
-                    rles = mask_utils.frPyObjects(region.polygons, record.height, record.width)
-                    annotation["area"] = float(mask_utils.area(mask_utils.merge(rles)))
-                annotations.append(annotation)
+        table = store.read_unit(dataset, unit.key, columns=RECORD_SCHEMA.names)
+        for record in records_from_table(table):
+            if record.image_id in wanted:
+                objects = [r for r in record.regions if r.kind == "object"]
+                # Ids are given once every image is known: all of them are held, so
+                # only what the file needs.
+                records.append(replace(record, captions={}, phrases=[], regions=objects))
+    file_names = _file_names([record.uri for record in records])
+    image_ids = _image_ids([record.coco_image_id for record in records])
+    category_ids, categories = _categories(records)
+    images, annotations = [], []
+    for record, file_name, image_id in zip(records, file_names, image_ids, strict=True):
+        images.append(
+            {
+                "id": image_id,
+                "file_name": file_name,
+                "width": record.width,
+                "height": record.height,
+                "fld_image_id": record.image_id,
+                "fld_uri": record.uri,
+            }
+        )
+        for region in record.regions:
+            x0, y0, x1, y1 = region.box
+            annotation = {
+                "id": len(annotations) + 1,
+                "image_id": image_id,
+                "category_id": category_ids[region.category_id, region.text],
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "area": (x1 - x0) * (y1 - y0),
+                "iscrowd": 0,
+                "score": region.score,
+                "source": region.source,
+            }
+            if region.polygons:
+                annotation["segmentation"] = region.polygons
+                rles = mask_utils.frPyObjects(region.polygons, record.height, record.width)
+                annotation["area"] = float(mask_utils.area(mask_utils.merge(rles)))
+            annotations.append(annotation)
     coco = {
         "info": {"description": f"FLD export of {dataset}", "shards": [s["name"] for s in shards]},
         "images": images,
         "annotations": annotations,
-        "categories": [{"id": i, "name": name} for name, i in categories.items()],
+        "categories": [{"id": i, "name": name} for i, name in categories.items()],
     }
     store.write_bytes(relpath, json.dumps(coco).encode())
+
+
+def _file_names(uris: list[str]) -> list[str]:
+    """Each uri's shortest tail, cut at ``/`` or ``#``, that no other uri shares; two
+    equal uris (one file ingested again after it changed) keep one name."""
+    paths = [uri.split("://", 1)[-1] for uri in uris]
+    cuts = [[m.end() for m in _SEPARATOR.finditer(path)] for path in paths]
+    depths = [1] * len(paths)
+    while True:
+        names = [
+            path[cut[-depth] :] if cut else path
+            for path, cut, depth in zip(paths, cuts, depths, strict=True)
+        ]
+        counts = Counter(names)
+        longer = [i for i, n in enumerate(names) if counts[n] > 1 and depths[i] < len(cuts[i])]
+        if not longer:
+            return names
+        for i in longer:
+            depths[i] += 1
+
+
+def _fresh_ids(taken: Iterable[CocoId]) -> Iterator[CocoId]:
+    """Ids that none of ``taken`` is: integers above the largest integer among them, or,
+    when all of them are strings, such integers as strings, since COCOeval sorts the ids
+    of a file and Python cannot order a string against an integer."""
+    taken = set(taken)
+    largest = max((i for i in taken if isinstance(i, int)), default=None)
+    as_text = bool(taken) and largest is None
+    for number in itertools.count((largest or 0) + 1):
+        if not as_text:
+            yield number
+        elif str(number) not in taken:
+            yield str(number)
+
+
+def _image_ids(originals: list[CocoId | None]) -> list[CocoId]:
+    """Each image's original COCO id where it has one not taken by an earlier image;
+    a fresh one otherwise."""
+    fresh = _fresh_ids(i for i in originals if i is not None)
+    ids: list[CocoId] = []
+    seen: set[CocoId] = set()
+    for original in originals:
+        image_id = original if original is not None and original not in seen else next(fresh)
+        seen.add(image_id)
+        ids.append(image_id)
+    return ids
+
+
+def _categories(
+    records: list[ImageRecord],
+) -> tuple[dict[tuple[CocoId | None, str], CocoId], dict[CocoId, str]]:
+    """``(region.category_id, region.text)`` -> the region's category id in the export,
+    and the export's categories (id -> name): the users' first, in order of appearance.
+
+    An original id keeps the first name it comes with; a box whose COCO files named its
+    id otherwise is a category of its own name (like a machine region's text).
+    """
+    names: dict[CocoId, str] = {}
+    for record in records:
+        for region in record.regions:
+            if region.category_id is not None:
+                names.setdefault(region.category_id, region.text)
+    by_name: dict[str, CocoId] = {}
+    for category_id, name in names.items():
+        by_name.setdefault(name, category_id)
+    fresh = _fresh_ids(names)
+    ids: dict[tuple[CocoId | None, str], CocoId] = {}
+    for record in records:
+        for region in record.regions:
+            key = (region.category_id, region.text)
+            if key in ids:
+                continue
+            if region.category_id is not None and names[region.category_id] == region.text:
+                ids[key] = region.category_id
+                continue
+            if region.text not in by_name:
+                by_name[region.text] = next(fresh)
+                names[by_name[region.text]] = region.text
+            ids[key] = by_name[region.text]
+    return ids, names

@@ -222,6 +222,7 @@ def ingest_unit(unit: IngestUnit) -> StageSummary:
                 item.labels, decoded.width, decoded.height, _recordable(item.uri)
             )
             record.regions, record.captions = regions, captions
+            record.coco_image_id = item.labels.image_id
             refused.extend(label_refusals)
             summary.notes.update(changed)
         records.append(record)

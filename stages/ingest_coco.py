@@ -21,15 +21,17 @@ import fsspec
 
 from engine.config import IngestConfig
 from engine.geometry import all_finite, box_in_image, clip_points, is_valid_polygon
-from engine.records import Caption, QuarantineEntry, Region
+from engine.records import Caption, CocoId, QuarantineEntry, Region
 
 HUMAN_SOURCE = "human:coco"
 
 
 @dataclass(frozen=True, slots=True)
 class CocoBox:
-    annotation_id: int | str
+    annotation_id: CocoId
     category: str
+    # Kept so that an export names the category by the user's own id (Region.category_id).
+    category_id: CocoId
     # COCO's [x, y, width, height], validated finite with positive size.
     bbox: tuple[float, float, float, float]
     polygons: tuple[tuple[float, ...], ...] = ()
@@ -39,14 +41,22 @@ class CocoBox:
 class HumanLabels:
     boxes: tuple[CocoBox, ...] = ()
     captions: tuple[str, ...] = ()
+    # The image's id in the COCO file (ImageRecord.coco_image_id).
+    image_id: CocoId | None = None
 
 
 def unite(labels: list[HumanLabels]) -> HumanLabels:
     """The labels of one image from several COCO files (boxes in ``instances_*.json``,
-    captions in ``captions_*.json``): all of them, each once, in file order."""
+    captions in ``captions_*.json``): all of them, each once, in file order.
+
+    The image keeps the first file's id. COCO's own files agree on it; files that do not
+    cannot all be honoured by one export, and the first is the one ingest resolves the
+    image against (``stages.ingest._coco_item``).
+    """
     return HumanLabels(
         boxes=tuple(dict.fromkeys(box for found in labels for box in found.boxes)),
         captions=tuple(dict.fromkeys(text for found in labels for text in found.captions)),
+        image_id=next((found.image_id for found in labels if found.image_id is not None), None),
     )
 
 
@@ -176,13 +186,16 @@ def read_coco(
         if polygon_problem:
             # The box is still good: keep it, and record that its mask was not taken.
             result.refused.append(_refuse(where, polygon_problem, "box kept without polygons"))
-        boxes[image_id].append(CocoBox(ann_id, category, tuple(map(float, ann["bbox"])), polygons))
+        bbox = tuple(map(float, ann["bbox"]))
+        boxes[image_id].append(CocoBox(ann_id, category, category_id, bbox, polygons))
 
     for image_id, image_uri in image_uris.items():
         kept_captions = captions[image_id]
         if len(kept_captions) > 1:
             result.notes["captions beyond the first not kept"] += len(kept_captions) - 1
-        result.images[image_uri] = HumanLabels(tuple(boxes[image_id]), tuple(kept_captions[:1]))
+        result.images[image_uri] = HumanLabels(
+            tuple(boxes[image_id]), tuple(kept_captions[:1]), image_id
+        )
     return result
 
 
@@ -207,7 +220,16 @@ def labels_to_regions(
         if clipped != (x, y, x + w, y + h):
             changed["box clipped to image"] += 1
         polygons = [clip_points(p, width, height) for p in box.polygons] or None
-        regions.append(Region(clipped, box.category, "object", HUMAN_SOURCE, polygons=polygons))
+        regions.append(
+            Region(
+                clipped,
+                box.category,
+                "object",
+                HUMAN_SOURCE,
+                polygons=polygons,
+                category_id=box.category_id,
+            )
+        )
     captions = {"brief": Caption(labels.captions[0], HUMAN_SOURCE)} if labels.captions else {}
     return regions, captions, refused, changed
 

@@ -16,6 +16,7 @@ from tests.tiny_florence2 import build_florence2_processor
 CONFIG = load_config("engine/configs/test.yaml")
 SAMPLE_KEYS = {
     "image_id",
+    "uri",
     "width",
     "height",
     "source",
@@ -65,6 +66,8 @@ def test_sample_json_is_the_design_format(exported):
         record = sample["json"]
         assert set(record) == SAMPLE_KEYS
         assert record["image_id"] == sample["__key__"]
+        assert record["uri"].startswith("file:///") and record["uri"].endswith(".jpg")
+        assert record["source"] == "coco:labels.json"
         assert set(record["captions"]) == {"brief", "detailed", "more_detailed"}
         assert all(set(region) == REGION_KEYS for region in record["regions"])
         assert {t["task"] for t in record["florence2"]} >= {

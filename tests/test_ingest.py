@@ -6,7 +6,7 @@ from engine.config import load_config
 from engine.records import records_from_table
 from engine.store import Store, kept_image_ids_by_unit, manifest_view
 from stages.ingest import InputError, plan_ingest, run_ingest
-from stages.ingest_coco import labels_to_regions, read_coco
+from stages.ingest_coco import HumanLabels, labels_to_regions, read_coco, unite
 from tests.inputs import encode, messy_input_folder, photo, write_coco
 
 CONFIG = load_config("engine/configs/test.yaml")
@@ -137,6 +137,8 @@ def test_coco_labels_enter_as_human_annotations(tmp_path, ray_cluster):
         ("dog", (90.0, 70.0, 100.0, 80.0), "human:coco"),
     ]
     assert a.regions[0].polygons == [[10.0, 10.0, 40.0, 10.0, 40.0, 30.0]]
+    # The user's ids, for an export that COCOeval can score against their file.
+    assert (a.coco_image_id, [r.category_id for r in a.regions]) == (1, [1, 2])
     assert a.captions["brief"].text == "A cat and a dog."
     assert records["b.jpg"].regions == []
 
@@ -178,7 +180,15 @@ def test_boxes_and_captions_from_two_coco_files_are_united(tmp_path, ray_cluster
     assert [r.box for r in a.regions] == [(10.0, 10.0, 40.0, 30.0), (0.0, 0.0, 5.0, 5.5)]
     assert a.captions["brief"].text == "A cat." and b.captions["brief"].text == "Noise."
     assert a.source == "coco:captions.json+instances.json"
+    assert (a.coco_image_id, b.coco_image_id) == (1, 2)
     assert store.read("quarantine").num_rows == 0  # no copy set aside as a duplicate
+
+
+def test_an_image_named_by_several_coco_files_keeps_the_first_files_id():
+    # In file order, as ingest passes them: the file the image is resolved against first.
+    assert unite([HumanLabels(image_id=5), HumanLabels(image_id=9)]).image_id == 5
+    assert unite([HumanLabels(), HumanLabels(image_id="b7")]).image_id == "b7"
+    assert unite([HumanLabels(), HumanLabels()]).image_id is None
 
 
 def test_coco_boxes_and_polygons_are_checked_one_by_one(tmp_path):

@@ -1,11 +1,13 @@
 import io
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from engine.records import (
     MANIFEST_SCHEMA,
     RECORD_SCHEMA,
+    REGION_TYPE,
     Caption,
     ImageRecord,
     Phrase,
@@ -35,7 +37,7 @@ def full_record() -> ImageRecord:
             ),
         },
         regions=[
-            Region((10.5, 20.0, 200.25, 300.0), "cat", "object", "human:coco"),
+            Region((10.5, 20.0, 200.25, 300.0), "cat", "object", "human:coco", category_id=17),
             Region(
                 (1, 2, 3, 4),
                 "STOP",
@@ -54,6 +56,7 @@ def full_record() -> ImageRecord:
             ),
         ],
         phrases=[Phrase("brief", 2, 5, "cat", [0], source="gdino", score=0.9, round=0)],
+        coco_image_id=397133,
     )
 
 
@@ -65,6 +68,28 @@ def test_record_round_trips_through_parquet():
     pq.write_table(table, buffer)
     buffer.seek(0)
     assert records_from_table(pq.read_table(buffer)) == [record]
+
+
+def test_coco_ids_come_back_with_their_type():
+    # Some COCO-like files use string ids; a digit string must not come back an int.
+    record = full_record()
+    record.coco_image_id = "397133"
+    record.regions[0].category_id = 2**70  # JSON allows it; an int64 column would not
+    assert records_from_table(records_to_table([record])) == [record]
+
+
+def test_a_part_written_before_coco_ids_were_kept_reads_them_as_none():
+    old_region = pa.struct([f for f in REGION_TYPE if f.name != "category_id"])
+    table = records_to_table([full_record()]).drop_columns(["coco_image_id"])
+    table = table.set_column(
+        table.schema.get_field_index("regions"),
+        "regions",
+        table.column("regions").cast(pa.list_(old_region)),
+    )
+    [record] = records_from_table(table)
+    assert record.coco_image_id is None
+    assert [r.category_id for r in record.regions] == [None, None, None]
+    assert record.regions[0].text == "cat"
 
 
 def test_manifest_layout_carries_the_image_bytes():

@@ -36,7 +36,7 @@ def full_record() -> ImageRecord:
             ),
         },
         regions=[
-            Region((10.5, 20.0, 200.25, 300.0), "cat", "object", "human:coco"),
+            Region((10.5, 20.0, 200.25, 300.0), "cat", "object", "human:coco", category_id=17),
             Region((1, 2, 3, 4), "STOP", "ocr", "ocr:rapidocr", 0.5, 1,
                    quad=[1, 2, 3, 2, 3, 4, 1, 4]),
             Region((0, 0, 5, 5), "", "proposal", "sam",
@@ -47,16 +47,17 @@ def full_record() -> ImageRecord:
             Phrase("brief", 2, 5, "cat", [0], "gdino", 0.9, 0),
             Phrase("more_detailed", 0, 5, "A gre", [7], "gdino"),  # points past the regions
         ],
+        coco_image_id=397133,
     )  # fmt: skip
 
 
 def without_lineage_the_export_drops(record: ImageRecord) -> ImageRecord:
     return dataclasses.replace(
         record,
-        uri="",
         sha256="",
+        coco_image_id=None,
         captions={k: Caption(c.text, "") for k, c in record.captions.items()},
-        regions=[dataclasses.replace(r, round=None) for r in record.regions],
+        regions=[dataclasses.replace(r, round=None, category_id=None) for r in record.regions],
         phrases=[Phrase(p.caption, p.start, p.end, p.text, p.regions, "") for p in record.phrases],
     )
 
@@ -71,6 +72,17 @@ def test_a_record_comes_back_less_what_the_format_does_not_carry():
     assert math.isnan(back.regions[3].box[0]) and back.regions[3].box[1:] == (0, 1, 1)
     back.regions, expected.regions = back.regions[:3], expected.regions[:3]
     assert back == expected
+
+
+def test_a_sample_carries_where_its_image_came_from():
+    sample = json.loads(json.dumps(sample_json(full_record())))
+    assert (sample["uri"], sample["source"]) == ("file:///data/cat.jpg", "folder")
+
+
+def test_a_sample_exported_before_it_carried_its_uri_is_still_read():
+    sample = record_to_sample(full_record())
+    del sample["uri"]
+    assert record_from_sample(sample).uri == ""
 
 
 def test_a_sample_comes_back_exactly():
@@ -104,6 +116,7 @@ def broken(change) -> dict:
     [
         ([1, 2], "a sample is a JSON object, not a list"),
         (broken(lambda s: s.pop("image_id")), "sample has no 'image_id'"),
+        (broken(lambda s: s.update(uri=None)), "'uri' is null"),
         (broken(lambda s: s.update(width="640")), "'width' is a str"),
         (broken(lambda s: s.update(height=True)), "'height' is a bool"),
         (broken(lambda s: s.update(width=0)), "an image of 0x480 pixels"),

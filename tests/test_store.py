@@ -5,7 +5,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from engine.records import Caption, ImageRecord, Region, records_to_table
+from engine.records import (
+    RECORD_SCHEMA,
+    Caption,
+    ImageRecord,
+    Region,
+    records_from_table,
+    records_to_table,
+)
 from engine.store import Store, fingerprint, kept_image_ids_by_unit, manifest_view
 
 
@@ -64,6 +71,14 @@ def test_fingerprints_are_the_same_in_every_process():
         for _ in range(2)
     }
     assert runs == {fingerprint({"students": frozenset({"od", "cap", "ocr"})}, 0.5) + "\n"}
+
+
+def test_a_part_written_before_a_column_was_added_still_reads(store):
+    record = ImageRecord("a", "file:///a.jpg", "folder", 4, 3, "h", coco_image_id=7)
+    old = records_to_table([record]).drop_columns(["coco_image_id"])
+    store.commit_unit("u1", {"merged": old})
+    (back,) = records_from_table(store.read_unit("merged", "u1", columns=RECORD_SCHEMA.names))
+    assert back.image_id == "a" and back.coco_image_id is None
 
 
 def test_parts_read_in_unit_order(store):
