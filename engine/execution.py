@@ -7,6 +7,7 @@ per-unit summaries into one.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
@@ -14,7 +15,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import ray
 from tqdm import tqdm
@@ -24,9 +25,26 @@ from engine.summary import StageSummary
 
 UnitT = TypeVar("UnitT")
 
+# Without a terminal (``ray job logs``, CI, a file) every redraw of a bar becomes a line
+# of its own; a plain line this often, and one at the end, is what a log can hold.
+PROGRESS_LOG_SECONDS = 30.0
+# Ray logs at every start of a local cluster that it turned token authentication on for
+# it: nothing for the user to act on, printed above the first progress bar.
+_TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+_TOKEN_AUTH_NOTICE = "Token authentication is enabled for this Ray cluster"
+
 
 class StageError(RuntimeError):
     pass
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
 
 
 @contextmanager
@@ -46,20 +64,98 @@ def ray_session(config: RayConfig) -> Iterator[None]:
         ray.init(address=address, log_to_driver=True)
     else:
         temp_dir = config.temp_dir or tempfile.mkdtemp(prefix="fld-ray-")
-        # address="local" never attaches to a stale cluster someone else started.
-        ray.init(
-            address="local",
-            num_cpus=config.num_cpus,
-            include_dashboard=False,
-            _temp_dir=temp_dir,
-            logging_level="WARNING",
-        )
+        # Only the notice that auth is on is dropped: auth stays on, and any other warning
+        # of that logger (auth off, a token missing) still shows.
+        notice = _DropMessage(_TOKEN_AUTH_NOTICE)
+        auth_logger = logging.getLogger(_TOKEN_AUTH_LOGGER)
+        auth_logger.addFilter(notice)
+        try:
+            # address="local" never attaches to a stale cluster someone else started.
+            ray.init(
+                address="local",
+                num_cpus=config.num_cpus,
+                include_dashboard=False,
+                _temp_dir=temp_dir,
+                logging_level="WARNING",
+            )
+        finally:
+            auth_logger.removeFilter(notice)
     try:
         yield
     finally:
         ray.shutdown()
         if temp_dir and not config.temp_dir:
             shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+class LineProgress:
+    """Progress for a log rather than a terminal: a plain line every ``interval`` seconds
+    and one when it closes, so an hour-long stage under ``ray job logs`` leaves about 120
+    lines, not one per redraw (tqdm's carriage returns each end a line in a file). It
+    takes the calls of the tqdm bar it stands in for: ``update``, ``set_postfix``."""
+
+    def __init__(
+        self,
+        total: int,
+        desc: str,
+        unit: str = "unit",
+        file: IO[str] | None = None,
+        interval: float = PROGRESS_LOG_SECONDS,
+        disable: bool = False,
+    ) -> None:
+        self.total, self.desc, self.unit = total, desc, unit
+        self.file = file or sys.stderr
+        self.interval, self.disable = interval, disable
+        self.n = 0
+        self.postfix: dict[str, object] = {}
+        self._started = self._last = time.monotonic()
+        self._printed_n = -1
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if time.monotonic() - self._last >= self.interval:
+            self._print()
+
+    def set_postfix(self, **values: object) -> None:
+        # Shown with the next line, not printed on its own.
+        self.postfix = values
+
+    def close(self) -> None:
+        if self._printed_n != self.n:
+            self._print()
+
+    def _print(self) -> None:
+        if self.disable:
+            return
+        self._last = time.monotonic()
+        self._printed_n = self.n
+        percent = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
+        extra = "".join(f" {key}={value}" for key, value in self.postfix.items())
+        elapsed = self._last - self._started
+        print(
+            f"{self.desc}: {self.n}/{self.total} {self.unit}s{percent}{extra} {elapsed:.0f}s",
+            file=self.file,
+            flush=True,
+        )
+
+    def __enter__(self) -> LineProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def progress_bar(
+    total: int, desc: str, *, unit: str = "unit", disable: bool = False, file: IO[str] | None = None
+) -> tqdm | LineProgress:
+    """A tqdm bar on ``file`` (stderr) when it is a terminal, else a ``LineProgress``.
+
+    Every stage's progress goes through here, so a run under ``ray job submit`` or with
+    stderr sent to a file logs progress at a bounded rate."""
+    file = file or sys.stderr
+    if file.isatty():
+        return tqdm(total=total, desc=desc, unit=unit, file=file, disable=disable)
+    return LineProgress(total, desc, unit=unit, file=file, disable=disable)
 
 
 def check_fits(stage: str, cpus: float, gpus: float) -> None:
@@ -115,7 +211,7 @@ def run_units(
     pending: dict[Any, UnitT] = {}
     failures: list[str] = []
     queue = iter(todo)
-    with tqdm(total=len(todo), desc=stage, unit="unit", file=sys.stderr, disable=not todo) as bar:
+    with progress_bar(len(todo), stage, disable=not todo) as bar:
         while True:
             for unit in queue:
                 pending[remote.remote(unit)] = unit

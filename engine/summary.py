@@ -29,6 +29,10 @@ class StageSummary:
     seconds: float = 0.0
     # Where the stage's main output lives, for the closing message.
     location: str = ""
+    # Rows the store holds in that output (``Store.committed_rows``), set by the stage on
+    # its folded summary (``add`` leaves it): a rerun that found everything committed
+    # says what is there, not "out 0".
+    held: int | None = None
 
     def add(self, other: StageSummary) -> None:
         """Fold another summary into this one: a unit's, or another pass of the stage (a
@@ -43,13 +47,26 @@ class StageSummary:
         self.seconds += other.seconds
 
     def format(self) -> str:
-        rate = self.inputs / self.seconds if self.seconds > 0 else 0.0
-        lines = [
-            f"[{self.stage}] in {self.inputs}  out {self.outputs}  "
-            f"quarantined {sum(self.quarantined.values())}  dropped {sum(self.dropped.values())}  "
-            f"units run {self.units_run} skipped {self.units_skipped}  "
-            f"{self.seconds:.1f}s  {rate:.1f} items/s"
-        ]
+        if self.units_run == 0 and self.inputs == 0:
+            # A resumed run with everything committed: zero counts and rates would read
+            # as a stage that lost its input.
+            head = f"[{self.stage}] nothing to do"
+            if self.units_skipped:
+                head += f": {self.units_skipped} units already committed"
+            if self.held is not None:
+                head += f", the store holds {self.held} rows"
+        else:
+            rate = self.inputs / self.seconds if self.seconds > 0 else 0.0
+            head = (
+                f"[{self.stage}] in {self.inputs}  out {self.outputs}  "
+                f"quarantined {sum(self.quarantined.values())}  "
+                f"dropped {sum(self.dropped.values())}  "
+                f"units run {self.units_run} skipped {self.units_skipped}  "
+                f"{self.seconds:.1f}s  {rate:.1f} items/s"
+            )
+            if self.held is not None:
+                head += f"  held {self.held}"
+        lines = [head]
         for label, counts in (
             ("quarantined", self.quarantined),
             ("dropped", self.dropped),

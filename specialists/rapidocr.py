@@ -7,7 +7,6 @@ around it, the read text and the recognition score.
 
 from __future__ import annotations
 
-import logging
 from importlib.metadata import version
 
 import numpy as np
@@ -34,11 +33,17 @@ class RapidOCRSpecialist(Specialist):
     def setup(self) -> None:
         from rapidocr import RapidOCR
 
-        # RapidOCR logs every model file and every image without text at INFO/WARNING.
-        logging.getLogger("RapidOCR").setLevel(logging.ERROR)
-        # Keep every recognised line: thresholds belong to the filter stage.
+        # Keep every recognised line: thresholds belong to the filter stage. RapidOCR logs
+        # each model file it loads (INFO) and each image without text (WARNING) between
+        # the progress bars; an image without text is an empty result, not a problem. It
+        # sets its logger's level from this option in its constructor, so only the option
+        # quiets it.
         self._engine = RapidOCR(
-            params={"Global.text_score": 0.0, "Det.box_thresh": self.min_detection_score}
+            params={
+                "Global.text_score": 0.0,
+                "Det.box_thresh": self.min_detection_score,
+                "Global.log_level": "error",
+            }
         )
 
     def annotate(self, batch: list[SpecialistInput]) -> list[Annotations]:

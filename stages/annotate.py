@@ -19,17 +19,15 @@ cause, so the stage still ends complete in one run."""
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 import ray
-from tqdm import tqdm
 
 from engine.config import EngineConfig, SpecialistConfig
-from engine.execution import StageError, check_fits
+from engine.execution import StageError, check_fits, progress_bar
 from engine.layout import MANIFEST, round_layout
 from engine.store import Store, fingerprint, kept_image_ids_by_unit
 from engine.summary import StageSummary
@@ -330,7 +328,7 @@ def _run_level(
     total = sum(len(pool.units) for pool in pools.values())
     names = ", ".join(s.name for s in specs)
     try:
-        with tqdm(total=total, desc=f"annotate [{names}]", unit="unit", file=sys.stderr) as bar:
+        with progress_bar(total, f"annotate [{names}]", disable=not total) as bar:
             while True:
                 for pool in pools.values():
                     for actor_index in sorted(pool.idle):

@@ -97,6 +97,7 @@ def run_export(store: Store, config: EngineConfig, round_number: int) -> StageSu
     if config.export.coco:
         write_coco(store, dataset, units, layout.coco, shards)
     summary.location = store.path(out_dir)
+    summary.held = sum(shard["samples"] for shard in shards)
     return summary
 
 

@@ -101,6 +101,7 @@ def run_filter(store: Store, config: EngineConfig, round_number: int) -> StageSu
     summary.stage = "filter"
     summary.seconds += score_summary.seconds
     summary.location = store.path(outputs[0])
+    summary.held = store.committed_rows(outputs[0])
     return summary
 
 

@@ -177,6 +177,7 @@ def run_ingest(store: Store, config: EngineConfig, plan: IngestPlan) -> StageSum
         summary.quarantined["duplicate image"] += duplicates
         summary.outputs -= duplicates
     summary.location = store.path(MANIFEST)
+    summary.held = store.committed_rows(MANIFEST)
     return summary
 
 

@@ -178,6 +178,7 @@ def run_merge(
         num_cpus=config.ray.task_cpus,
     )
     summary.location = store.path(out)
+    summary.held = store.committed_rows(out)
     return summary
 
 

@@ -57,3 +57,8 @@ def test_done_units_are_skipped(ray_cluster):
     )
     assert (summary.units_run, summary.units_skipped) == (4, 1)
     assert summary.outputs == 0 + 1 + 4 + 16
+
+
+def test_a_rerun_with_every_unit_done_says_nothing_to_do(ray_cluster):
+    summary = run_units("test", square_or_fail, [0, 1, 2], done=lambda u: True, num_cpus=0.25)
+    assert summary.format() == "[test] nothing to do: 3 units already committed"

@@ -57,6 +57,8 @@ def test_rerun_skips_committed_units_and_adds_nothing(tmp_path, ray_cluster):
     assert again.units_run == 0 and again.units_skipped > 0
     # Duplicates listed by the first run are not counted against this one's output.
     assert again.outputs == 0 and not again.quarantined
+    # It says what the store holds instead of "in 0 out 0".
+    assert again.held == first[0] and f"the store holds {first[0]} rows" in again.format()
     assert (store.read("manifest").num_rows, store.read("quarantine").num_rows) == first
 
 

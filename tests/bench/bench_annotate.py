@@ -1,13 +1,16 @@
 """Annotate throughput: the actor pool with batching vs a naive one-image-at-a-time loop.
 
     .venv/bin/python tests/bench/bench_annotate.py [--images 96] [--specialists florence2 ocr]
+        [--pools 1 2] [--unit-size 64]
 
 For each specialist, on the same ingested images, in one run:
-  engine  `annotate` on embedded Ray: ``pool_size`` actors, batches of ``batch_size``,
-          images decoded by CPU tasks ahead of the actors (actor start-up and model
-          loading included)
+  engine  `annotate` on embedded Ray: ``pool_size`` actors (one per core, or each of
+          ``--pools``), batches of ``batch_size``, images decoded by CPU tasks ahead of
+          the actors (actor start-up and model loading included)
   naive   one process: load the same model once, then annotate one image at a time
-and prints images/s for both and the ratio. florence2 is a tiny randomly initialised
+and prints images/s for both and the ratio; with several ``--pools``, also each pool's
+rate against the first (``--images 64 --unit-size 64 --pools 1 2``: one unit, does the
+second actor help?). florence2 is a tiny randomly initialised
 Florence-2 (the real architecture and processor, built offline) asked for <CAPTION>;
 ocr is RapidOCR's real PP-OCR models on images with rendered text.
 """
@@ -51,13 +54,14 @@ def make_images(folder: Path, count: int) -> None:
         image.save(folder / f"{k:05d}.jpg", quality=92)
 
 
-def specialist_configs(model_dir: Path, cores: int) -> dict[str, SpecialistConfig]:
+def specialist_configs(model_dir: Path, pool_size: int) -> dict[str, SpecialistConfig]:
     from tests.tiny_florence2 import build_florence2_processor, build_tiny_florence2_model
 
-    build_tiny_florence2_model().save_pretrained(model_dir)
-    build_florence2_processor().save_pretrained(model_dir)
-    # One actor per core, each on half a CPU so that the decode tasks fit beside them.
-    shared = {"num_cpus": 0.5, "pool_size": cores}
+    if not model_dir.exists():
+        build_tiny_florence2_model().save_pretrained(model_dir)
+        build_florence2_processor().save_pretrained(model_dir)
+    # Each actor on half a CPU so that the decode tasks fit beside them.
+    shared = {"num_cpus": 0.5, "pool_size": pool_size}
     return {
         "florence2": SpecialistConfig(
             name="florence2", kind="florence2", model=str(model_dir), batch_size=8,
@@ -91,37 +95,52 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1024)
     parser.add_argument("--specialists", nargs="+", default=["florence2", "ocr"])
     parser.add_argument("--cores", type=int, default=os.cpu_count())
+    parser.add_argument("--pools", type=int, nargs="+", help="pool sizes (default: --cores)")
+    parser.add_argument("--unit-size", type=int, default=64)
     args = parser.parse_args()
+    pools = args.pools or [args.cores]
 
     results = {}
     with tempfile.TemporaryDirectory(prefix="fld-bench-") as tmp:
         root = Path(tmp)
         (root / "images").mkdir()
         make_images(root / "images", args.images)
-        configs = specialist_configs(root / "florence2", args.cores)
         base = load_config(
-            None, [f"ray.num_cpus={args.cores}", "ingest.unit_size=64", "ray.task_cpus=0.5"]
+            None,
+            [
+                f"ray.num_cpus={args.cores}",
+                f"ingest.unit_size={args.unit_size}",
+                "ray.task_cpus=0.5",
+            ],
         )
         with ray_session(base.ray):
             for name in args.specialists:
-                store = Store(str(root / f"store-{name}"))
-                run_ingest(store, base, plan_ingest([str(root / "images")], store, base.ingest))
-                config = base.model_copy(
-                    update={"annotate": AnnotateConfig(specialists=(configs[name],))}
-                )
-                started = time.perf_counter()
-                summary = run_annotate(store, config, 0)
-                engine_s = time.perf_counter() - started
-                assert summary.outputs == args.images, summary.format()
-                results[name] = (engine_s, naive_loop(configs[name], store))
+                for pool in pools:
+                    spec = specialist_configs(root / "florence2", pool)[name]
+                    store = Store(str(root / f"store-{name}-{pool}"))
+                    plan = plan_ingest([str(root / "images")], store, base.ingest)
+                    run_ingest(store, base, plan)
+                    config = base.model_copy(
+                        update={"annotate": AnnotateConfig(specialists=(spec,))}
+                    )
+                    started = time.perf_counter()
+                    summary = run_annotate(store, config, 0)
+                    engine_s = time.perf_counter() - started
+                    assert summary.outputs == args.images, summary.format()
+                    results[name, pool] = engine_s
+                results[name, "naive"] = naive_loop(spec, store)
 
-    print(f"\n{args.images} images, {args.cores} cores")
-    for name, (engine_s, naive_s) in results.items():
-        engine_rate, naive_rate = args.images / engine_s, args.images / naive_s
-        print(
-            f"  {name:<10} engine {engine_rate:7.1f} images/s   naive loop {naive_rate:7.1f} "
-            f"images/s   ratio {engine_rate / naive_rate:5.2f}"
-        )
+    print(f"\n{args.images} images in units of {args.unit_size}, {args.cores} cores")
+    for name in args.specialists:
+        naive_rate = args.images / results[name, "naive"]
+        first_rate = args.images / results[name, pools[0]]
+        for pool in pools:
+            rate = args.images / results[name, pool]
+            print(
+                f"  {name:<10} pool {pool}: engine {rate:7.1f} images/s   naive loop "
+                f"{naive_rate:7.1f} images/s   ratio {rate / naive_rate:5.2f}   "
+                f"vs pool {pools[0]} {rate / first_rate:5.2f}"
+            )
 
 
 if __name__ == "__main__":
