@@ -112,12 +112,17 @@ def run_report(store: Store, config: EngineConfig, round_number: int) -> StageSu
     read = _read(store, dataset, RECORD_SCHEMA, RECORD_SCHEMA.names)
     records = manifest_view(read) if dataset == MANIFEST else read
     quarantine = _read(store, QUARANTINE, QUARANTINE_SCHEMA, ["item", "reason"])
-    dropped = _read(store, layout.dropped, DROPPED_SCHEMA, ["reason"])
+    dropped = report_stats.dropped_counts(
+        _read(store, layout.dropped, DROPPED_SCHEMA, report_stats.DROPPED_COUNT_COLUMNS)
+    )
     state = read_round_state(store, round_number)
 
     with report_stats.connect(records) as con:
         parsed = report_stats.parse_missing_stats(con, config.report.spacy_model)
-        by_reason = report_stats.reason_table(con, dropped, "dropped", "Dropped records by reason")
+        # In the CLI's unit: images for image: reasons, annotations for the others.
+        by_reason = report_stats.reason_table(
+            con, dropped, "dropped", "Dropped by reason (images or annotations)"
+        )
         tables = [
             report_stats.annotation_table(con),
             report_stats.text_table(con),

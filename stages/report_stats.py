@@ -17,6 +17,7 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from engine.records import CAPTION_KINDS, REGION_KINDS, TEXT_STATS_TYPE
 from filters.text import load_pipeline, text_stats
@@ -284,14 +285,36 @@ def source_table(con: duckdb.DuckDBPyConnection) -> StatTable:
 def reason_table(
     con: duckdb.DuckDBPyConnection, refused: pa.Table, name: str, title: str
 ) -> StatTable:
-    """Counts by ``reason`` (and by ``item`` where the table has it) of refused rows."""
+    """Counts by ``reason`` (and by ``item`` where the table has it) of refused rows, or
+    the sum of their ``count`` column where the table has one (``dropped_counts``)."""
     con.register(name, refused)
     keys = [c for c in ("item", "reason") if c in refused.column_names]
     group = ", ".join(keys)
+    n = "sum(count)::BIGINT" if "count" in refused.column_names else "count(*)"
     rows = con.sql(
-        f"SELECT {group}, count(*) AS n FROM {name} GROUP BY ALL ORDER BY n DESC, {group}"
+        f"SELECT {group}, {n} AS n FROM {name} GROUP BY ALL ORDER BY n DESC, {group}"
     ).fetchall()
     return StatTable(name, title, [*keys, "count"], rows)
+
+
+# The columns of the dropped records that ``dropped_counts`` reads: no image, no stats.
+DROPPED_COUNT_COLUMNS = ["reason", "captions", "regions", "phrases"]
+
+
+def dropped_counts(dropped: pa.Table) -> pa.Table:
+    """``reason`` and ``count`` of each dropped row, counted as the filter stage counts
+    them in its summary: an image for an ``image:`` reason, else the annotations the row
+    sets aside (captions, regions, phrases). ``dropped`` needs DROPPED_COUNT_COLUMNS."""
+    count = pc.add(
+        pc.fill_null(pc.list_value_length(dropped.column("regions")), 0),
+        pc.fill_null(pc.list_value_length(dropped.column("phrases")), 0),
+    )
+    for index in range(len(CAPTION_KINDS)):
+        text = pc.struct_field(dropped.column("captions"), [index, 0])
+        count = pc.add(count, pc.cast(pc.is_valid(text), pa.int32()))
+    whole_image = pc.starts_with(dropped.column("reason"), "image:")
+    count = pc.if_else(whole_image, 1, count)
+    return pa.table({"reason": dropped.column("reason"), "count": pc.cast(count, pa.int64())})
 
 
 # ---------------------------------------------------------------- histogram data

