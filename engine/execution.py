@@ -15,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import IO, Any, TypeVar
 
 import ray
@@ -47,23 +48,56 @@ class _DropMessage(logging.Filter):
         return not record.getMessage().startswith(self.prefix)
 
 
+@dataclass
+class _Session:
+    """The open ``ray_session``: its config, and whether (and where) it started a Ray."""
+
+    config: RayConfig
+    started: bool = False
+    # The embedded Ray's session files, removed when the session ends.
+    temp_dir: str | None = None
+
+
+_open: _Session | None = None
+
+
 @contextmanager
 def ray_session(config: RayConfig) -> Iterator[None]:
-    """Attach to a cluster when an address is known, else run an embedded local Ray.
+    """A run's Ray: attached to a cluster when an address is known, else an embedded
+    local Ray, started only when work first needs it (``require_ray``), so a run that
+    finds every unit committed answers in seconds without paying Ray's start-up.
 
     The embedded Ray listens on loopback only (engine/__init__.py) and keeps its session
     files in a temp dir of this run, removed afterwards. An already initialised Ray (a
     test session, a notebook) is used as it is and left running.
     """
+    global _open
     if ray.is_initialized():
         yield
         return
-    address = os.environ.get("RAY_ADDRESS")
-    temp_dir = None
-    if address:
-        ray.init(address=address, log_to_driver=True)
+    session = _open = _Session(config)
+    try:
+        yield
+    finally:
+        _open = None
+        if session.started:
+            ray.shutdown()
+            if session.temp_dir and not config.temp_dir:
+                shutil.rmtree(session.temp_dir, ignore_errors=True)
+
+
+def require_ray() -> None:
+    """Start the open session's Ray unless Ray is up. Every stage calls it before its
+    first Ray task or actor; outside a session a stage needs Ray already running."""
+    if ray.is_initialized():
+        return
+    if _open is None:
+        raise StageError("Ray is not running: run stages inside engine.execution.ray_session")
+    config = _open.config
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
-        temp_dir = config.temp_dir or tempfile.mkdtemp(prefix="fld-ray-")
+        _open.temp_dir = config.temp_dir or tempfile.mkdtemp(prefix="fld-ray-")
         # Only the notice that auth is on is dropped: auth stays on, and any other warning
         # of that logger (auth off, a token missing) still shows.
         notice = _DropMessage(_TOKEN_AUTH_NOTICE)
@@ -75,17 +109,12 @@ def ray_session(config: RayConfig) -> Iterator[None]:
                 address="local",
                 num_cpus=config.num_cpus,
                 include_dashboard=False,
-                _temp_dir=temp_dir,
+                _temp_dir=_open.temp_dir,
                 logging_level="WARNING",
             )
         finally:
             auth_logger.removeFilter(notice)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        if temp_dir and not config.temp_dir:
-            shutil.rmtree(temp_dir, ignore_errors=True)
+    _open.started = True
 
 
 class LineProgress:
@@ -165,6 +194,7 @@ def check_fits(stage: str, cpus: float, gpus: float) -> None:
     waits without a word. A cluster (RAY_ADDRESS set) may add nodes on demand, so there
     the request is left to its autoscaler.
     """
+    require_ray()
     if os.environ.get("RAY_ADDRESS"):
         return
     available = ray.cluster_resources()
@@ -207,6 +237,8 @@ def run_units(
         redone = sum(1 for unit in todo if committed(unit))
         if redone:
             summary.notes["units redone: what they are computed from changed"] += redone
+    if todo:
+        require_ray()
     remote = ray.remote(num_cpus=num_cpus, max_retries=2)(work)
     pending: dict[Any, UnitT] = {}
     failures: list[str] = []

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from engine.config import EngineConfig, StudentConfig
+from engine.execution import require_ray
 from engine.layout import STUDENT_REPORT, round_layout
 from engine.round_state import committed_rounds
 from engine.store import Store
@@ -361,6 +362,7 @@ def train_student(store: Store, config: EngineConfig, round_number: int) -> Stud
         raise ValueError(f"round {parents[-1]} has no export to train the student on")
     shards = index["shards"]
     source = init_source(store, round_number, student)
+    require_ray()  # Ray Train would otherwise start a Ray of its own, not on loopback
     trainer = TorchTrainer(
         _worker,
         train_loop_config={

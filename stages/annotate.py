@@ -295,6 +295,22 @@ def _run_level(
     summary: StageSummary,
 ) -> None:
     """Run the specialists of one level together, each over every unit not yet committed."""
+    pending: dict[str, tuple[SpecialistConfig, list[str], dict[str, str]]] = {}
+    for spec in specs:
+        dataset = round_layout(round_number).annotate(spec.name)
+        inputs = {
+            unit: annotate_inputs(store, spec, unit, units[unit], upstream[spec.name])
+            for unit in units
+        }
+        todo = [u for u in units if not store.is_current(dataset, u, inputs[u])]
+        summary.units_skipped += len(units) - len(todo)
+        redone = sum(1 for unit in todo if store.is_committed(dataset, unit))
+        if redone:
+            summary.notes["units redone: what they are computed from changed"] += redone
+        if todo:
+            pending[spec.name] = (spec, todo, inputs)
+    if not pending:
+        return  # nothing to do: no Ray, no actors, no models loaded
     # Every actor of the level, plus one decode task to feed them, must fit at once.
     check_fits(
         "annotate",
@@ -303,25 +319,13 @@ def _run_level(
     )
     prepare = ray.remote(num_cpus=config.ray.task_cpus)(prepare_unit)
     pools: dict[str, _Pool] = {}
-    for spec in specs:
-        dataset = round_layout(round_number).annotate(spec.name)
-        inputs = {
-            unit: annotate_inputs(store, spec, unit, units[unit], upstream[spec.name])
-            for unit in units
-        }
-        pending_units = [u for u in units if not store.is_current(dataset, u, inputs[u])]
-        summary.units_skipped += len(units) - len(pending_units)
-        redone = sum(1 for unit in pending_units if store.is_committed(dataset, unit))
-        if redone:
-            summary.notes["units redone: what they are computed from changed"] += redone
-        if not pending_units:
-            continue
+    for name, (spec, todo, inputs) in pending.items():
 
-        def open_unit(unit: str, name: str = spec.name, inputs: dict = inputs) -> _UnitJob:
+        def open_unit(unit: str, name: str = name, inputs: dict = inputs) -> _UnitJob:
             ref = prepare.remote(store.url, unit, units[unit], upstream[name])
             return _UnitJob(unit, len(units[unit]), ref, inputs[unit])
 
-        pools[spec.name] = _Pool(spec, store.url, round_number, pending_units, open_unit, config)
+        pools[name] = _Pool(spec, store.url, round_number, todo, open_unit, config)
 
     in_flight: dict[ray.ObjectRef, tuple[_Pool, int, _Call]] = {}
     failures: list[str] = []

@@ -4,14 +4,15 @@ import pytest
 import torch
 
 from engine.config import RayConfig
-from engine.execution import ray_session
+from engine.execution import ray_session, require_ray
 from engine.store import Store
 
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One embedded Ray for the whole session; stages reuse an initialised Ray."""
+    """One embedded Ray for the whole session, started now; stages reuse it."""
     with ray_session(RayConfig(num_cpus=2)):
+        require_ray()
         yield
 
 

@@ -245,3 +245,29 @@ def test_a_writing_run_is_refused_while_another_holds_the_store(tmp_path, capsys
     # Reading is no writing: status answers while the lease is held.
     assert main(["--stage", "status", "--store", store.url]) == 0
     holder.release()
+
+
+def test_a_run_with_nothing_to_do_starts_no_ray(tmp_path, ray_cluster):
+    images = tmp_path / "in"
+    images.mkdir()
+    for k in range(3):
+        (images / f"{k}.jpg").write_bytes(encode(photo(32, 24, seed=k)))
+    store = str(tmp_path / "store")
+    ingest = ["--stage", "ingest", "--config", CONFIG, "--store", store, "--input", str(images)]
+    export = ["--stage", "export", "--config", CONFIG, "--store", store]
+    assert main(ingest) == 0 and main(export) == 0
+    # Again, in a process where starting Ray fails: every unit is committed.
+    script = (
+        "import json, sys, ray\n"
+        "ray.init = lambda *a, **k: sys.exit('ray.init was called')\n"
+        "from engine.run import main\n"
+        "sys.exit(max(main(args) for args in json.loads(sys.argv[1])))\n"
+    )
+    again = subprocess.run(
+        [sys.executable, "-c", script, json.dumps([ingest, export])],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("nothing to do") == 2, again.stdout
