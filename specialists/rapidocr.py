@@ -19,11 +19,17 @@ from specialists.base import Annotations, Specialist, SpecialistInput
 class RapidOCRSpecialist(Specialist):
     produces = frozenset({"ocr"})
 
-    def __init__(self, config: SpecialistConfig, min_detection_score: float = 0.5) -> None:
+    def __init__(
+        self, config: SpecialistConfig, min_detection_score: float = 0.5, threads: int = 0
+    ) -> None:
         """``min_detection_score``: RapidOCR's own text-box threshold, below which it
-        does not even try to read a region; recognition scores are kept, not filtered."""
+        does not even try to read a region; recognition scores are kept, not filtered.
+        ``threads``: ONNX Runtime's threads per actor; 0 = the actor's ``num_cpus``
+        (at least one), so the actors of a pool share the cores instead of each spinning
+        a thread per core; -1 = ONNX Runtime's own default, one per core."""
         super().__init__(config)
         self.min_detection_score = min_detection_score
+        self.threads = threads or max(1, round(config.num_cpus))
         self._engine = None
 
     @property
@@ -43,6 +49,8 @@ class RapidOCRSpecialist(Specialist):
                 "Global.text_score": 0.0,
                 "Det.box_thresh": self.min_detection_score,
                 "Global.log_level": "error",
+                "EngineConfig.onnxruntime.intra_op_num_threads": self.threads,
+                "EngineConfig.onnxruntime.inter_op_num_threads": 1,
             }
         )
 
