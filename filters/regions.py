@@ -21,8 +21,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-import torch
-from torchvision.ops import batched_nms
 
 from engine.geometry import all_finite, boxes_array, clip_box, pairwise_iou
 from engine.records import ImageRecord, Phrase, Region
@@ -87,6 +85,11 @@ def nms(
     by a box of its own class. ``None``: class-agnostic, every box competes with every
     other. Boxes are used as float64 so that results do not depend on float32 rounding.
     """
+    # Imported here: torch and torchvision cost seconds to import, and a command that
+    # only plans (merge on an up-to-date store) imports this module without running NMS.
+    import torch
+    from torchvision.ops import batched_nms
+
     boxes_t = torch.as_tensor(np.asarray(boxes, dtype=np.float64).reshape(-1, 4))
     scores_t = torch.as_tensor(np.asarray(scores, dtype=np.float64).reshape(-1))
     if len(boxes_t) != len(scores_t):
