@@ -116,10 +116,7 @@ class SpecialistActor:
         """Annotate the images at ``indices`` of a unit without committing anything, with
         the notes of what was done (halved batches): the driver spreads a unit over the
         pool this way, and narrows one down that took the process down."""
-        items = [
-            SpecialistInput(prepared.records[i], Image.fromarray(prepared.pixels[i]))
-            for i in indices
-        ]
+        items = _inputs(prepared, indices)
         done = StageSummary("annotate")
         results = annotate_resilient(self._annotate_batch, items, self.config.batch_size, done)
         return results, done.notes
@@ -133,9 +130,7 @@ class SpecialistActor:
         known = known or {}
         summary = StageSummary("annotate", inputs=len(prepared.records))
         todo = [i for i in range(len(prepared.records)) if i not in known]
-        items = [
-            SpecialistInput(prepared.records[i], Image.fromarray(prepared.pixels[i])) for i in todo
-        ]
+        items = _inputs(prepared, todo)
         results = dict(known)
         results.update(
             zip(
@@ -181,6 +176,12 @@ class SpecialistActor:
             regions=annotations.regions,
             phrases=annotations.phrases,
         )
+
+
+def _inputs(prepared: PreparedUnit, indices: Sequence[int]) -> list[SpecialistInput]:
+    return [
+        SpecialistInput(prepared.records[i], Image.fromarray(prepared.pixels[i])) for i in indices
+    ]
 
 
 def annotate_resilient(

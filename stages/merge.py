@@ -143,18 +143,21 @@ def run_merge(
         for key, ids in kept_image_ids_by_unit(store).items()
         if units is None or key in units
     }
+    read = [base, *sources, *(dataset for _, dataset in region_texts)]
+    # One marker read per (dataset, unit): it says whether the unit is committed and,
+    # for the merged unit's inputs, what it holds.
+    upstream = {unit: {d: store.marker_fingerprint(d, unit) for d in read} for unit in chosen}
     missing = [
         f"{dataset} has not committed unit {unit}"
-        for dataset in [base, *sources, *(dataset for _, dataset in region_texts)]
+        for dataset in read
         for unit in chosen
-        if not store.is_committed(dataset, unit)
+        if upstream[unit][dataset] is None
     ]
     if missing:
         # Merging a unit before every specialist has annotated it would commit a record
         # that later specialist output could never join.
         raise StageError(f"merge: run annotate first ({len(missing)} missing): {missing[0]}")
     out = round_layout(round_number).merged
-    read = [base, *sources, *(dataset for _, dataset in region_texts)]
     work = [
         MergeUnit(
             key,
@@ -165,7 +168,7 @@ def run_merge(
             out,
             policy,
             tuple(region_texts),
-            fingerprint("merge", policy, ids, {d: store.marker_fingerprint(d, key) for d in read}),
+            fingerprint("merge", policy, ids, upstream[key]),
         )
         for key, ids in chosen.items()
     ]

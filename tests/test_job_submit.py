@@ -118,6 +118,20 @@ def store_outputs(root: Path) -> tuple[dict[str, bytes], list[dict]]:
     return files, sorted(rows, key=lambda row: row["image_id"])
 
 
+def in_own_session(command: list[str], env: dict) -> subprocess.Popen:
+    """``command`` started in a session of its own, output captured, so that every process
+    it leaves behind can be found by that session's id and ended."""
+    return subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
 def submit_until_an_agent_is_up(head_lines: list[str], submit: str, env: dict) -> str:
     """Run the submit line (after the recipe's source and export lines) as the README
     says to: again, a few seconds later, while the head's job agent is not up yet."""
@@ -158,33 +172,12 @@ def test_readme_local_cluster_job_equals_a_local_run(tmp_path):
     # The same command on embedded Ray, while the head starts; its Ray in a known temp
     # dir, so that a failed run's processes are found and ended too.
     submit = next(c for c in script if c.startswith("ray job submit"))
-    local = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "engine.run",
-            *engine_args(submit, tmp_path / "local"),
-            f"ray.temp_dir={local_ray_dir}",
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    engine = [sys.executable, "-m", "engine.run", *engine_args(submit, tmp_path / "local")]
+    local = in_own_session([*engine, f"ray.temp_dir={local_ray_dir}"], env)
     # The head is started by the recipe's lines up to the submit, in a session of its
     # own: its daemons keep that id after `ray start` returns.
     head_lines = script[: script.index(submit)]
-    recipe = subprocess.Popen(
-        ["bash", "-ec", "\n".join(head_lines)],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    recipe = in_own_session(["bash", "-ec", "\n".join(head_lines)], env)
     try:
         output, _ = recipe.communicate(timeout=240)
         if recipe.returncode == 0:
