@@ -42,10 +42,13 @@ lint: install
 bench: install
 	$(PY) tests/bench/bench_ingest_export.py
 
-# Re-pin after changing pyproject.toml dependencies.
+# Pin what pyproject.toml added after a change to its dependencies; every pin already in
+# requirements.lock is kept (uv prefers the versions of its output file).
 lock:
 	$(UV) pip compile pyproject.toml --extra dev --extra demo --python-version 3.11 \
-	  --python-platform x86_64-manylinux_2_28 -q | grep -Ev $(TORCH_STACK) > requirements.lock
+	  --python-platform x86_64-manylinux_2_28 -q -o requirements.lock
+	grep -Ev $(TORCH_STACK) requirements.lock > requirements.lock.new
+	mv requirements.lock.new requirements.lock
 
 clean:
 	rm -rf $(VENV) out

@@ -15,11 +15,16 @@
     rounds/rNNN/validation/        the machine view of the held-out human-labelled images
     rounds/rNNN/churn.json         annotations added, changed, retired against the parent
     rounds/rNNN/quality.json       the round scored against ground truth, when there is one
-    shards/rNNN/                   WebDataset export (+ _index.json, coco.json)
+    shards/rNNN/                   WebDataset export of a round: its shards and nothing else
+    exports/rNNN/_index.json       the round's shards in order, with their sizes
+    exports/rNNN/coco.json         the round's object regions as a COCO detection file
     reports/rNNN/                  statistics and gallery (index.html, stats.json)
+    _committed/<dataset>/<unit>.json   a unit's marker: what it commits, and from what
+    _staging/<dataset>/            files being written, before their unit's marker
 
 Paths are relative to the store's root (``Store.path`` makes them absolute). Datasets
-are folders of committed Parquet parts (``engine/store.py``); the rest are plain files.
+are folders of committed Parquet parts (``engine/store.py``) and nothing else, so any
+reader pointed at one sees what the engine sees; the rest are plain files.
 """
 
 from __future__ import annotations
@@ -35,7 +40,10 @@ WRITE_LOCK = "write"
 STUDENT_REPORT = "student.json"
 ROUNDS = "rounds"
 SHARDS = "shards"
+EXPORTS = "exports"
 REPORTS = "reports"
+MARKER_ROOT = "_committed"
+STAGING_ROOT = "_staging"
 
 
 def round_name(number: int) -> str:
@@ -122,12 +130,16 @@ class RoundLayout:
         return f"{SHARDS}/{self.name}"
 
     @property
+    def export(self) -> str:
+        return f"{EXPORTS}/{self.name}"
+
+    @property
     def shard_index(self) -> str:
-        return f"{self.shards}/_index.json"
+        return f"{self.export}/_index.json"
 
     @property
     def coco(self) -> str:
-        return f"{self.shards}/coco.json"
+        return f"{self.export}/coco.json"
 
     @property
     def report(self) -> str:

@@ -16,7 +16,16 @@ import time
 
 from engine.config import ConfigError, EngineConfig, load_config
 from engine.execution import StageError
-from engine.layout import LOCKS, MANIFEST, QUARANTINE, REPORTS, ROUNDS, SHARDS
+from engine.layout import (
+    EXPORTS,
+    LOCKS,
+    MANIFEST,
+    MARKER_ROOT,
+    QUARANTINE,
+    REPORTS,
+    ROUNDS,
+    SHARDS,
+)
 from engine.pipeline import ROUND, STEPS, PlanError, Request, execute, plan
 from engine.round_state import committed_rounds, started_rounds
 from engine.store import Store, StoreError
@@ -29,7 +38,9 @@ STAGES = (*STEPS, "all")
 STARTS_ROUND = frozenset({"annotate", "all", "refine"})
 # Top-level names of a store (engine/layout.py, and the trainer's default output): a root
 # holding none of them but other files is no store of ours.
-STORE_ENTRIES = frozenset({MANIFEST, QUARANTINE, LOCKS, ROUNDS, SHARDS, REPORTS, DEFAULT_OUTPUT})
+STORE_ENTRIES = frozenset(
+    {MANIFEST, QUARANTINE, LOCKS, ROUNDS, SHARDS, EXPORTS, REPORTS, MARKER_ROOT, DEFAULT_OUTPUT}
+)
 
 
 class UsageError(Exception):

@@ -1,27 +1,33 @@
 """The store: immutable Parquet parts under one fsspec root, committed by marker files.
 
 What lives where is named in ``engine/layout.py``. A dataset is a folder of parts
-``part-<unit>.parquet``; a part is visible only once its marker
-``_committed/<unit>.json`` exists. The marker is written after the part is complete,
-so the rule holds on object stores, which have no atomic rename, as well as on local
-disk. Units are fixed and deterministic: a rerun rewrites an uncommitted part under
-the same name and skips committed ones, so no row is ever written twice.
+``part-<unit>.parquet`` and nothing else: a unit's marker ``_committed/<dataset>/<unit>.json``
+and its part while being written ``_staging/<dataset>/...`` live outside it, so any
+Parquet reader pointed at a dataset's folder (DuckDB, pandas, Ray Data, Hugging Face
+``datasets``) reads exactly the rows the engine reads. A unit is committed in three
+steps: its part is written under ``_staging/``, then its marker, then the part is moved
+to its dataset's folder. Until that move the marker names a part that is not there, so
+the unit is not committed for the engine either; the rule holds on object stores, where
+a move is a copy and a delete, as well as on local disk. Units are fixed and
+deterministic: a rerun writes an uncommitted unit again under the same names and skips
+committed ones, so no row is ever written twice. What a killed run left in
+``_staging/`` is cleared by the next writing run (``clear_staging``).
 
 A marker records what it commits: the part's name, rows and bytes. A kill or a full disk
 can still leave a marker empty or cut short, and a part can be truncated after it was
 committed; such a unit is not committed (``is_committed`` is False, so the stage that
 writes it redoes it on its next run), and a reader that meets it raises a one-line
 ``StoreError`` naming the file. The checks cost a file size and the row count Parquet
-reads anyway, never a pass over the bytes. Markers written before sizes were recorded
-have none, and are checked by their rows alone.
+reads anyway, never a pass over the bytes.
 
 A unit computed from other units records what it was computed from as ``inputs``: a
 ``fingerprint`` of the upstream units' markers (which carry their own inputs, so a
 change anywhere upstream reaches every stage below) and of the settings that shape it.
 A stage redoes a unit whose recorded inputs differ from today's (``is_current``), and
-writes the new part under a name of its own, ``part-<unit>-<inputs>.parquet``: a
-committed part is never rewritten in place, so a run killed midway leaves the old unit
-whole and still committed, and the replaced part is removed once the new marker is in.
+writes the new part under a name of its own, ``part-<unit>-<inputs>.parquet``. The part
+it replaces is removed before the new marker is written: a run killed between the two
+leaves the unit not committed (and redone by the next run), never a folder holding
+both the old rows and the new.
 """
 
 from __future__ import annotations
@@ -40,10 +46,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from engine.layout import MANIFEST, round_layout
+from engine.layout import MANIFEST, MARKER_ROOT, STAGING_ROOT, round_layout
 from engine.records import CAPTION_KINDS, MANIFEST_SCHEMA
 
-MARKER_DIR = "_committed"
 # What ``check_writable`` writes and removes at the root; a kill can leave it behind.
 WRITE_PROBE = ".write-probe"
 
@@ -103,11 +108,30 @@ class Store:
 
     # ------------------------------------------------------------ parts and markers
 
-    def _marker(self, dataset: str, unit: str) -> str:
-        return self.path(dataset, MARKER_DIR, f"{unit}.json")
+    def marker_path(self, dataset: str, unit: str) -> str:
+        return self.path(MARKER_ROOT, dataset, f"{unit}.json")
 
     def part_path(self, dataset: str, unit: str, inputs: str | None = None) -> str:
         return self.path(dataset, _part_name(unit, inputs))
+
+    def staging_path(self, dataset: str, name: str) -> str:
+        """Where a file of ``dataset`` is written before its unit's marker: outside the
+        dataset's folder, so no reader sees it half-written or uncommitted."""
+        return self.path(STAGING_ROOT, dataset, name)
+
+    def publish(self, dataset: str, names: Iterable[str]) -> None:
+        """Move staged files into the dataset's folder, after their unit's marker."""
+        for name in names:
+            final = self.path(dataset, name)
+            self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
+            self.fs.mv(self.staging_path(dataset, name), final)
+
+    def clear_staging(self) -> None:
+        """Remove what a killed run left half-written. Only a run holding the store's
+        write lease calls this: no other run can be writing there."""
+        staging = self.path(STAGING_ROOT)
+        if self.fs.exists(staging):
+            self.fs.rm(staging, recursive=True)
 
     def is_committed(self, dataset: str, unit: str) -> bool:
         """True when the unit's marker reads and its part (if it names one) has the size
@@ -146,23 +170,26 @@ class Store:
         info: dict | None = None,
         inputs: str | None = None,
     ) -> None:
-        """Write one part per dataset for ``unit``, then their markers (with ``info``).
+        """Stage one part per dataset for ``unit``, write their markers (with ``info``),
+        then publish the parts (see the module's docstring).
 
-        All parts are complete before the first marker is written; a unit counts as done
-        only when every one of its markers is whole (``unit_done``), so a kill between two
-        markers makes the rerun redo the whole unit, rewriting identical parts. With
-        ``inputs`` (what the unit was computed from) the parts are named by them, so a
-        unit computed again from other inputs never overwrites its committed part; the
-        part it replaces is removed after the new marker is written.
+        All parts are staged before the first marker is written; a unit counts as done
+        only when every one of its datasets is committed (``unit_done``), so a kill between
+        two markers or two moves makes the rerun redo the whole unit, writing identical
+        parts. With ``inputs`` (what the unit was computed from) the parts are named by
+        them, so a unit computed again from other inputs never overwrites its committed
+        part in place.
         """
-        replaced = {dataset: self._intact_marker(dataset, unit) for dataset in tables}
+        name = _part_name(unit, inputs)
         sizes = {}
         for dataset, table in tables.items():
-            path = self.part_path(dataset, unit, inputs)
+            path = self.staging_path(dataset, name)
             self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
             with self.fs.open(path, "wb") as f:
                 pq.write_table(table, f, compression=_compression(table))
                 sizes[dataset] = f.tell()
+        for dataset in tables:
+            self.remove_replaced(dataset, unit, [name])
         for dataset, table in tables.items():
             # What the marker commits comes last, so no ``info`` key can overwrite it.
             marker = {
@@ -174,21 +201,32 @@ class Store:
             if inputs is not None:
                 marker["inputs"] = inputs
             self.write_marker(dataset, unit, marker)
-        for dataset, old in replaced.items():
-            if old is not None and old.get("part") not in (None, _part_name(unit, inputs)):
-                with contextlib.suppress(FileNotFoundError):
-                    self.fs.rm(self.path(dataset, old["part"]))
+        for dataset in tables:
+            self.publish(dataset, [name])
+
+    def remove_replaced(self, dataset: str, unit: str, names: Collection[str]) -> None:
+        """Before a unit's new marker: remove the files its old marker names and any file
+        already at the new ``names``. The unit stops being committed until its new files
+        are published, rather than showing readers old files beside or instead of the
+        new ones the marker counts."""
+        try:
+            old = set(_marked_files(self.read_marker(dataset, unit)))
+        except StoreError:  # no marker, or a damaged one: nothing it names is trusted
+            old = set()
+        for name in sorted(old | set(names)):
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(self.path(dataset, name))
 
     def write_marker(self, dataset: str, unit: str, info: dict) -> None:
         """Commit a unit of ``dataset`` whose files are complete; ``info`` describes them."""
-        marker = self._marker(dataset, unit)
+        marker = self.marker_path(dataset, unit)
         self.fs.makedirs(posixpath.dirname(marker), exist_ok=True)
         with self.fs.open(marker, "w") as f:
             json.dump(info, f)
 
     def read_marker(self, dataset: str, unit: str) -> dict:
         """A unit's marker; ``StoreError`` naming it when it is missing, empty or cut short."""
-        path = self._marker(dataset, unit)
+        path = self.marker_path(dataset, unit)
         try:
             marker = json.loads(self.fs.cat_file(path))
         except FileNotFoundError as exc:
@@ -202,20 +240,16 @@ class Store:
         return marker
 
     def _check_part(self, dataset: str, unit: str, marker: dict) -> None:
-        """The part a marker names exists with the size it recorded (when it recorded one).
-
-        Markers of other files (export's shards, a model) name no part.
-        """
-        if "part" not in marker:
-            return
-        path = self._marked_part(dataset, marker)
-        try:
-            size = self.fs.size(path)
-        except FileNotFoundError as exc:
-            raise self._damaged(path, "is missing but its unit has a marker") from exc
-        expected = marker.get("bytes")
-        if expected is not None and size != expected:
-            raise self._damaged(path, f"has {size} bytes, its marker recorded {expected}")
+        """The files a marker names (a part, or export's shards) exist with the sizes it
+        recorded. A model's marker names no file."""
+        for name, expected in _marked_files(marker).items():
+            path = self.path(dataset, name)
+            try:
+                size = self.fs.size(path)
+            except FileNotFoundError as exc:
+                raise self._damaged(path, "is missing but its unit has a marker") from exc
+            if expected is not None and size != expected:
+                raise self._damaged(path, f"has {size} bytes, its marker recorded {expected}")
 
     def _marked_part(self, dataset: str, marker: dict) -> str:
         # The name alone: a part lives in its dataset's folder, whatever a marker says.
@@ -233,17 +267,17 @@ class Store:
     def committed_units(self, dataset: str) -> list[str]:
         """Units of a dataset that have a marker, from one listing. A damaged one is kept in
         the list, so the stage reading it fails naming the file instead of losing its rows."""
-        marker_dir = self.path(dataset, MARKER_DIR)
+        marker_dir = self.path(MARKER_ROOT, dataset)
         if not self.fs.exists(marker_dir):
             return []
         names = [posixpath.basename(p) for p in self.fs.ls(marker_dir, detail=False)]
         return sorted(n[: -len(".json")] for n in names if n.endswith(".json"))
 
     def committed_rows(self, dataset: str) -> int:
-        """Rows of a dataset's committed parts, from their markers: no Parquet is read."""
-        return sum(
-            self.read_marker(dataset, unit)["rows"] for unit in self.committed_units(dataset)
-        )
+        """Rows of a dataset's committed parts, from their markers: no Parquet is read.
+        A damaged unit counts none, as for any reader of the dataset's folder."""
+        markers = (self._intact_marker(dataset, u) for u in self.committed_units(dataset))
+        return sum(marker["rows"] for marker in markers if marker is not None)
 
     def read(self, dataset: str, columns: list[str] | None = None) -> pa.Table | None:
         """All committed parts of a dataset in unit order, or None when it has none."""
@@ -379,6 +413,15 @@ def _compression(table: pa.Table) -> dict[str, str]:
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
     protocol = fs.protocol
     return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+
+
+def _marked_files(marker: dict) -> dict[str, int | None]:
+    """The files of a dataset's folder a marker commits, with their sizes in bytes (None
+    where it recorded none): a Parquet part, or export's shards."""
+    if "part" in marker:
+        # The name alone: a part lives in its dataset's folder, whatever a marker says.
+        return {posixpath.basename(str(marker["part"])): marker.get("bytes")}
+    return {s["name"]: s.get("file_bytes") for s in marker.get("shards", [])}
 
 
 def _part_name(unit: str, inputs: str | None) -> str:

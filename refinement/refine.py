@@ -43,6 +43,7 @@ from engine.round_state import (
 )
 from engine.store import Store, records_dataset
 from engine.summary import StageSummary
+from engine.upgrade import ready_for_writing
 from refinement.churn import write_churn
 from refinement.policy import judge_student, read_policy, student_merge
 from refinement.student import StudentReport, init_source, train_student
@@ -106,7 +107,9 @@ def run_refine(
     parent = parent_round(store, config, round_number)
     try:
         with StoreLock(store, WRITE_LOCK, ttl_s=config.lock_ttl_s) as lock:
-            return _refine(store, config, round_number, parent, lock, round_steps, echo)
+            summary = _refine(store, config, round_number, parent, lock, round_steps, echo)
+            store.clear_staging()  # the folders the round's commits emptied
+            return summary
     except LockHeld as exc:
         raise StageError(f"refine: {exc}") from exc
 
@@ -128,6 +131,9 @@ def _refine(
     summary = StageSummary("refine", location=store.path(layout.root))
     for lease in lock.taken_over:
         summary.notes[f"took over the lease of a dead run ({lease.owner})"] += 1
+    moved = ready_for_writing(store)
+    if moved:
+        summary.notes["datasets whose markers moved to the store's _committed/"] += len(moved)
     state = read_round_state(store, round_number) or RoundState(round_number, parent=parent)
     write_round_state(store, state)
     digest = config_digest(config)

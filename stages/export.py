@@ -13,7 +13,6 @@ carries the record and its Florence-2 task targets (``refinement.targets``).
 
 from __future__ import annotations
 
-import contextlib
 import io
 import itertools
 import json
@@ -121,10 +120,6 @@ def export_unit(unit: ExportUnit) -> StageSummary:
         if r.image_id in wanted
     ]
     summary.inputs = len(records)
-    # The unit's shards as exported before, from other inputs: removed once the new
-    # marker is in, never overwritten before it.
-    committed = store.is_committed(unit.out_dir, unit.key)
-    replaced = store.read_marker(unit.out_dir, unit.key)["shards"] if committed else []
     shards: list[dict[str, Any]] = []
     prefix = f"{unit.key}-{unit.inputs}" if unit.inputs else unit.key
     with ShardWriter(store, unit.out_dir, prefix) as writer:
@@ -143,17 +138,20 @@ def export_unit(unit: ExportUnit) -> StageSummary:
             shards[-1]["samples"] += 1
             shards[-1]["bytes"] += size
     summary.outputs = len(records)
+    # Committed as a store part is (engine/store.py): staged shards, the replaced ones
+    # removed, the marker, then the shards moved into the folder readers list.
+    names = [shard["name"] for shard in shards]
+    for shard in shards:
+        shard["file_bytes"] = store.fs.size(store.staging_path(unit.out_dir, shard["name"]))
+    store.remove_replaced(unit.out_dir, unit.key, names)
     store.write_marker(unit.out_dir, unit.key, {"shards": shards, "inputs": unit.inputs})
-    written = {shard["name"] for shard in shards}
-    for shard in replaced:
-        if shard["name"] not in written:
-            with contextlib.suppress(FileNotFoundError):
-                store.fs.rm(store.path(unit.out_dir, shard["name"]))
+    store.publish(unit.out_dir, names)
     return summary
 
 
 class ShardWriter:
-    """Writes ``<prefix>-00000.tar``, ``<prefix>-00001.tar``... one at a time.
+    """Writes ``<prefix>-00000.tar``, ``<prefix>-00001.tar``... one at a time, staged
+    (``Store.staging_path``) until their unit is committed.
 
     Plain ``tarfile`` in streaming mode: a WebDataset shard is an ordinary tar whose
     members of one sample share a key, and writing it needs no more (webdataset's own
@@ -171,7 +169,7 @@ class ShardWriter:
         self.close()
         name = f"{self.prefix}-{self.count:05d}.tar"
         self.count += 1
-        path = self.store.path(self.out_dir, name)
+        path = self.store.staging_path(self.out_dir, name)
         self.store.fs.makedirs(posixpath.dirname(path), exist_ok=True)
         self._file = self.store.fs.open(path, "wb")
         # Closed in close(): a shard stays open across many add() calls.

@@ -7,8 +7,9 @@ already read are not planned again: a folder that grows between runs (nightly im
 added to it) gives units of its new files only, and the units already committed, with
 all the work done on them downstream, stay as they are. Each unit, a Ray task, reads its inputs,
 decodes and normalises every image (``image_decode``) and commits one manifest part
-and one quarantine part together. Duplicate content is kept out by the manifest view
-(first in unit order) and listed in quarantine by a final step.
+and one quarantine part together. Content that arrived twice is listed in quarantine
+and taken out of the manifest by a final step (``remove_duplicates``); until that step
+has run, the manifest view keeps one copy of each image.
 
 Inputs are hostile until read: a local input is read only if it is a regular file
 that resolves inside what the user named (links are resolved, never trusted), and a
@@ -29,6 +30,8 @@ from dataclasses import dataclass, replace
 from typing import IO
 
 import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
 from fsspec.implementations.local import LocalFileSystem
 
 from engine.config import EngineConfig, IngestConfig
@@ -41,7 +44,7 @@ from engine.records import (
     quarantine_to_table,
     records_to_table,
 )
-from engine.store import Store, StoreError, kept_rows
+from engine.store import Store, StoreError, fingerprint, kept_rows
 from engine.summary import StageSummary
 from stages.image_decode import RefusedInput, decode_image
 from stages.ingest_coco import CocoInput, HumanLabels, labels_to_regions, read_coco, unite
@@ -172,7 +175,7 @@ def run_ingest(store: Store, config: EngineConfig, plan: IngestPlan) -> StageSum
     summary.dropped.update(plan.notes)
     if plan.already_ingested:
         summary.notes["files read by an earlier run, not read again"] += plan.already_ingested
-    duplicates = quarantine_duplicates(store)
+    duplicates = remove_duplicates(store)
     if duplicates:
         summary.quarantined["duplicate image"] += duplicates
         summary.outputs -= duplicates
@@ -245,28 +248,36 @@ def ingest_unit(unit: IngestUnit) -> StageSummary:
     return summary
 
 
-def quarantine_duplicates(store: Store) -> int:
-    """List manifest rows that the manifest view leaves out; returns how many were new.
+def remove_duplicates(store: Store) -> int:
+    """Take the copies of an image that the manifest view leaves out (``kept_rows``) out
+    of the manifest, listing them in quarantine first; returns how many were new.
 
-    Idempotent: only duplicates not yet in quarantine are written, as one part named by
-    their hash, so a rerun writes nothing new.
+    Units decode in parallel, so the same content can land in two of them (a photo in a
+    folder and again in a COCO file, or a copy added to a folder later). A unit holding
+    such a copy is committed again without it, under inputs that name what was taken
+    out (``Store.commit_unit``): a committed manifest holds each image once, for every
+    reader of its folder. Idempotent: a rerun finds nothing left to list or take out.
     """
-    manifest = store.read(MANIFEST, columns=["image_id", "uri", "sha256", "regions", "captions"])
-    if manifest is None:
+    units = store.committed_units(MANIFEST)
+    columns = ["image_id", "uri", "sha256", "regions", "captions"]
+    tables = [store.read_unit(MANIFEST, unit, columns=columns) for unit in units]
+    if not tables:
         return 0
+    owner = [unit for unit, table in zip(units, tables, strict=True) for _ in range(table.num_rows)]
+    manifest = pa.concat_tables(tables)
     kept = set(kept_rows(manifest))
     rows = manifest.select(["image_id", "uri", "sha256"]).to_pylist()
     kept_uri = {rows[k]["image_id"]: rows[k]["uri"] for k in kept}
+    copies = [index for index in range(len(rows)) if index not in kept]
     duplicates = [
         QuarantineEntry(
-            uri=row["uri"],
+            uri=rows[index]["uri"],
             source="ingest",
             reason="duplicate image",
-            detail=f"same content as {kept_uri[row['image_id']]}",
-            sha256=row["sha256"],
+            detail=f"same content as {kept_uri[rows[index]['image_id']]}",
+            sha256=rows[index]["sha256"],
         )
-        for index, row in enumerate(rows)
-        if index not in kept
+        for index in copies
     ]
     quarantine = store.read(QUARANTINE, columns=["uri", "reason"])
     listed = set()
@@ -276,7 +287,20 @@ def quarantine_duplicates(store: Store) -> int:
     if new:
         key = _key("duplicates", *sorted(d.uri for d in new))
         store.commit_unit(key, {QUARANTINE: quarantine_to_table(new)})
+    for unit in sorted({owner[index] for index in copies}):
+        _commit_without(store, unit, {rows[i]["uri"] for i in copies if owner[i] == unit})
     return len(new)
+
+
+def _commit_without(store: Store, unit: str, uris: set[str]) -> None:
+    """Commit a manifest unit again without the rows of ``uris``, keeping its marker's
+    information (the files it read)."""
+    marker = store.read_marker(MANIFEST, unit)
+    table = store.read_unit(MANIFEST, unit)
+    keep = pc.invert(pc.is_in(table.column("uri"), value_set=pa.array(sorted(uris))))
+    info = {k: v for k, v in marker.items() if k not in ("part", "rows", "bytes", "inputs")}
+    inputs = fingerprint("duplicates taken out", marker.get("inputs"), sorted(uris))
+    store.commit_unit(unit, {MANIFEST: table.filter(keep)}, info=info, inputs=inputs)
 
 
 # ---------------------------------------------------------------- reading inputs

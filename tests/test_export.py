@@ -1,7 +1,9 @@
 """Export: shards readable by plain webdataset, DESIGN.md's sample format, COCO for pycocotools."""
 
 import json
+import os
 
+import datasets
 import pytest
 import webdataset as wds
 from pycocotools.coco import COCO
@@ -47,8 +49,22 @@ def exported(tmp_path_factory, ray_cluster):
     store = Store(str(root / "store"))
     run_ingest(store, CONFIG, plan_ingest([str(folder / "labels.json")], store, CONFIG.ingest))
     summary = run_export(store, CONFIG, 0)
-    index = json.loads((root / "store/shards/r000/_index.json").read_text())
+    index = json.loads((root / "store/exports/r000/_index.json").read_text())
     return store, summary, index, root
+
+
+def test_the_shards_folder_is_read_as_it_is_by_hugging_face_datasets(exported, tmp_path):
+    """The folder holds the shards and nothing else (index, COCO file and markers live
+    elsewhere), so ``load_dataset`` on it reads every exported sample."""
+    _, _, index, root = exported
+    folder = str(root / "store/shards/r000")
+    assert sorted(os.listdir(folder)) == sorted(d["name"] for d in index["detail"])
+    cache = str(tmp_path / "hf")
+    by_format = datasets.load_dataset("webdataset", data_dir=folder, split="train", cache_dir=cache)
+    by_folder = datasets.load_dataset(folder, split="train", cache_dir=cache)
+    for loaded in (by_format, by_folder):
+        assert len(loaded) == index["samples"] == 7
+        assert all(s["json"]["image_id"] == s["__key__"] for s in loaded)
 
 
 def test_shards_are_size_bounded_and_read_by_plain_webdataset(exported):
@@ -99,7 +115,7 @@ def test_every_od_target_parses_back_to_the_record_boxes(exported):
 
 def test_coco_export_loads_in_pycocotools(exported):
     _, _, _, root = exported
-    coco = COCO(str(root / "store/shards/r000/coco.json"))
+    coco = COCO(str(root / "store/exports/r000/coco.json"))
     assert len(coco.getImgIds()) == 7
     assert {c["name"] for c in coco.loadCats(coco.getCatIds())} == {"cat", "dog"}
     dogs = coco.loadAnns(coco.getAnnIds(catIds=coco.getCatIds(catNms=["dog"])))

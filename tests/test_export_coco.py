@@ -59,9 +59,9 @@ def exported(tmp_path_factory, ray_cluster):
     inputs = [str(user / "instances.json"), str(root / "extra")]
     run_ingest(store, CONFIG, plan_ingest(inputs, store, CONFIG.ingest))
     run_export(store, CONFIG, 0)
-    shards = json.loads((root / "store/shards/r000/_index.json").read_text())["shards"]
+    shards = json.loads((root / "store/exports/r000/_index.json").read_text())["shards"]
     keys = {s["__key__"] for s in wds.WebDataset(shards, shardshuffle=False)}
-    return root, json.loads((root / "store/shards/r000/coco.json").read_text()), keys
+    return root, json.loads((root / "store/exports/r000/coco.json").read_text()), keys
 
 
 def test_images_keep_the_users_ids_and_file_names(exported):

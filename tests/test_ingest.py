@@ -99,7 +99,7 @@ def test_a_unit_cut_between_its_markers_is_redone_whole(tmp_path, ray_cluster):
     (unit,) = [
         u for u in store.committed_units("quarantine") if store.read_unit("quarantine", u).num_rows
     ]
-    store.fs.rm(store.path("quarantine", "_committed", f"{unit}.json"))
+    store.fs.rm(store.marker_path("quarantine", unit))
 
     again = ingest(store, str(folder))
     assert again.units_run == 1

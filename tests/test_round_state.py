@@ -37,7 +37,7 @@ def test_layout_names_every_round_path():
     assert layout.annotate("ocr") == "rounds/r001/annotate/ocr"
     assert layout.filtered == "rounds/r001/filtered"
     assert layout.state == "rounds/r001/round.json"
-    assert layout.shard_index == "shards/r001/_index.json"
+    assert layout.shard_index == "exports/r001/_index.json"
     assert layout.report == "reports/r001"
 
 

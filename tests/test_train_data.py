@@ -311,8 +311,7 @@ def shards(tmp_path_factory) -> list[str]:
         config = ExportConfig(shard_max_samples=SHARD_SAMPLES)
         export_unit(ExportUnit(unit, store.url, "manifest", ids, "shards/r000", config))
     write_shard_index(store, round_layout(0))
-    with store.fs.open(store.path("shards/r000/_index.json")) as f:
-        return json.load(f)["shards"]
+    return store.read_json(round_layout(0).shard_index)["shards"]
 
 
 def data_config(**overrides) -> TrainDataConfig:
@@ -396,6 +395,7 @@ def test_corrupt_samples_are_skipped_warned_and_counted(shards, tmp_path, caplog
         }.items():
             for ext, data in members.items():
                 writer.add(f"{key}.{ext}", data)
+    store.publish("bad", ["mixed-00000.tar"])
     mixed = tmp_path / "bad" / "mixed-00000.tar"
     with tarfile.open(mixed) as tar:
         cut_at = tar.getmember("badjson.jpg").offset_data + 10

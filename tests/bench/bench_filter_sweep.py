@@ -64,7 +64,7 @@ def annotated_store(work: Path, images: int) -> tuple[Store, Path]:
     config["annotate"]["specialists"] = [s for s in specialists if s["kind"] != "rapidocr"]
     config_path = work / "sweep.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    if not (store / "rounds/r000/scored/_committed").exists():
+    if not Store(str(store)).committed_units(round_layout(0).scored):
         for stage in ("ingest", "annotate", "merge", "filter"):
             args = ["--config", str(config_path), "--stage", stage, "--store", str(store)]
             if stage == "ingest":
