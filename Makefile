@@ -16,7 +16,7 @@ DEMO_OUT ?= out/demo
 $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q $(TORCH_PINS) uv==0.13.9
-	$(UV) pip install -q --python $(PY) --no-deps -r requirements.lock
+	$(UV) pip install -q --compile-bytecode --python $(PY) --no-deps -r requirements.lock
 	$(UV) pip install -q --python $(PY) --no-deps -e .
 	touch $@
 

@@ -48,6 +48,12 @@ class RayConfig(_Section):
     # switching. Lower it when actors of the same run need CPU too (stages with
     # specialists), or for object stores, where tasks wait on the network.
     task_cpus: float = Field(default=1.0, gt=0)
+    # A stage with at most this many units to run, when no Ray is up yet and no cluster is
+    # named (RAY_ADDRESS), runs them in local processes: a local Ray's start-up (5-30 s)
+    # costs more than ingest or export of a few hundred units (2,000 images: 28 s on
+    # Ray, 6 s locally, tests/bench/bench_ingest_export.py). A stage with more starts
+    # Ray, as do specialists (actors) and any stage once Ray is up. 0 = always Ray.
+    local_max_units: int = Field(default=256, ge=0)
     # Where an embedded Ray keeps its session files; None = a fresh temp dir per run.
     temp_dir: str | None = None
 

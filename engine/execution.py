@@ -2,7 +2,11 @@
 
 Stages cut their work into fixed, deterministic units; ``run_units`` runs the units not
 yet committed as Ray tasks with a fractional CPU each, shows progress, and folds the
-per-unit summaries into one.
+per-unit summaries into one. A plan too small to pay Ray's start-up (a few units, no Ray
+up yet, no cluster named) runs in a pool of this machine's processes instead.
+
+Ray is imported where it is first used: planning, ``--help`` and a config error answer
+without it.
 """
 
 from __future__ import annotations
@@ -14,11 +18,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import IO, Any, TypeVar
+from multiprocessing import get_context
+from typing import IO, Any, Protocol, TypeVar
 
-import ray
 from tqdm import tqdm
 
 from engine.config import RayConfig
@@ -33,6 +38,9 @@ PROGRESS_LOG_SECONDS = 30.0
 # it: nothing for the user to act on, printed above the first progress bar.
 _TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 _TOKEN_AUTH_NOTICE = "Token authentication is enabled for this Ray cluster"
+# Under load a local Ray's start can time out ("The current node timed out during
+# startup"); a second try usually finds the machine calmer.
+RAY_START_ATTEMPTS = 2
 
 
 class StageError(RuntimeError):
@@ -72,7 +80,7 @@ def ray_session(config: RayConfig) -> Iterator[None]:
     test session, a notebook) is used as it is and left running.
     """
     global _open
-    if ray.is_initialized():
+    if _ray_is_up():
         yield
         return
     session = _open = _Session(config)
@@ -81,23 +89,52 @@ def ray_session(config: RayConfig) -> Iterator[None]:
     finally:
         _open = None
         if session.started:
+            import ray
+
             ray.shutdown()
             if session.temp_dir and not config.temp_dir:
                 shutil.rmtree(session.temp_dir, ignore_errors=True)
 
 
+def _ray_is_up() -> bool:
+    """Ray is initialised in this process; answered without importing it when it is not."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
 def require_ray() -> None:
     """Start the open session's Ray unless Ray is up. Every stage calls it before its
     first Ray task or actor; outside a session a stage needs Ray already running."""
+    import ray
+
     if ray.is_initialized():
         return
     if _open is None:
         raise StageError("Ray is not running: run stages inside engine.execution.ray_session")
-    config = _open.config
+    for attempt in range(1, RAY_START_ATTEMPTS + 1):
+        try:
+            _start_ray(_open)
+            break
+        except Exception as exc:  # a start that timed out raises one of several types
+            ray.shutdown()
+            if attempt == RAY_START_ATTEMPTS:
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise StageError(
+                    f"Ray did not start ({type(exc).__name__}: {reason}), {attempt} tries; "
+                    "a loaded machine can make its start time out: run again, or keep one "
+                    "Ray up for every run (README: Local cluster)"
+                ) from None
+    _open.started = True
+
+
+def _start_ray(session: _Session) -> None:
+    import ray
+
+    config = session.config
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
-        _open.temp_dir = config.temp_dir or tempfile.mkdtemp(prefix="fld-ray-")
+        session.temp_dir = config.temp_dir or tempfile.mkdtemp(prefix="fld-ray-")
         # Only the notice that auth is on is dropped: auth stays on, and any other warning
         # of that logger (auth off, a token missing) still shows.
         notice = _DropMessage(_TOKEN_AUTH_NOTICE)
@@ -109,12 +146,11 @@ def require_ray() -> None:
                 address="local",
                 num_cpus=config.num_cpus,
                 include_dashboard=False,
-                _temp_dir=_open.temp_dir,
+                _temp_dir=session.temp_dir,
                 logging_level="WARNING",
             )
         finally:
             auth_logger.removeFilter(notice)
-    _open.started = True
 
 
 class LineProgress:
@@ -194,6 +230,8 @@ def check_fits(stage: str, cpus: float, gpus: float) -> None:
     waits without a word. A cluster (RAY_ADDRESS set) may add nodes on demand, so there
     the request is left to its autoscaler.
     """
+    import ray
+
     require_ray()
     if os.environ.get("RAY_ADDRESS"):
         return
@@ -237,31 +275,10 @@ def run_units(
         redone = sum(1 for unit in todo if committed(unit))
         if redone:
             summary.notes["units redone: what they are computed from changed"] += redone
-    if todo:
-        require_ray()
-    remote = ray.remote(num_cpus=num_cpus, max_retries=2)(work)
-    pending: dict[Any, UnitT] = {}
     failures: list[str] = []
-    queue = iter(todo)
-    with progress_bar(len(todo), stage, disable=not todo) as bar:
-        while True:
-            for unit in queue:
-                pending[remote.remote(unit)] = unit
-                if len(pending) >= max_in_flight:
-                    break
-            if not pending:
-                break
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            unit = pending.pop(ready[0])
-            try:
-                summary.add(ray.get(ready[0]))
-                summary.units_run += 1
-            except Exception as exc:
-                # A RayTaskError wraps the unit's own exception with a remote traceback.
-                cause = getattr(exc, "cause", None) or exc
-                failures.append(f"{getattr(unit, 'key', unit)}: {type(cause).__name__}: {cause}")
-            bar.update(1)
-            bar.set_postfix(items=summary.inputs)
+    if todo:
+        with _runner(work, len(todo), num_cpus) as runner:
+            _run_all(stage, runner, todo, summary, failures, max_in_flight)
     summary.seconds = time.perf_counter() - started
     if failures:
         raise StageError(
@@ -269,3 +286,106 @@ def run_units(
             + "; ".join(failures[:3])
         )
     return summary
+
+
+def _run_all(
+    stage: str,
+    runner: _Runner[UnitT],
+    todo: Sequence[UnitT],
+    summary: StageSummary,
+    failures: list[str],
+    max_in_flight: int,
+) -> None:
+    pending: dict[Any, UnitT] = {}
+    queue = iter(todo)
+    with progress_bar(len(todo), stage) as bar:
+        while True:
+            for unit in queue:
+                pending[runner.submit(unit)] = unit
+                if len(pending) >= max_in_flight:
+                    break
+            if not pending:
+                break
+            handle = runner.next_done(list(pending))
+            unit = pending.pop(handle)
+            try:
+                summary.add(runner.result(handle))
+                summary.units_run += 1
+            except Exception as exc:
+                # A RayTaskError wraps the unit's own exception with a remote traceback.
+                cause = getattr(exc, "cause", None) or exc
+                failures.append(f"{getattr(unit, 'key', unit)}: {type(cause).__name__}: {cause}")
+            bar.update(1)
+            bar.set_postfix(items=summary.inputs)
+
+
+class _Runner(Protocol[UnitT]):
+    """Where units run: submit one, wait for the next that is done, take its result."""
+
+    def submit(self, unit: UnitT) -> Any: ...
+
+    def next_done(self, handles: list[Any]) -> Any: ...
+
+    def result(self, handle: Any) -> StageSummary: ...
+
+
+class _RayTasks:
+    """Units as Ray tasks of ``num_cpus`` each."""
+
+    def __init__(self, work: Callable[[UnitT], StageSummary], num_cpus: float) -> None:
+        import ray
+
+        require_ray()
+        self._ray = ray
+        self._remote = ray.remote(num_cpus=num_cpus, max_retries=2)(work)
+
+    def submit(self, unit: UnitT) -> Any:
+        return self._remote.remote(unit)
+
+    def next_done(self, handles: list[Any]) -> Any:
+        ready, _ = self._ray.wait(handles, num_returns=1)
+        return ready[0]
+
+    def result(self, handle: Any) -> StageSummary:
+        return self._ray.get(handle)
+
+
+class _LocalProcesses:
+    """Units in a pool of this machine's processes. Spawned, not forked: the driver runs
+    threads (the store lease's renewal) that a fork would copy in the middle of a step."""
+
+    def __init__(self, work: Callable[[UnitT], StageSummary], pool: futures.Executor) -> None:
+        self._work, self._pool = work, pool
+
+    def submit(self, unit: UnitT) -> Any:
+        return self._pool.submit(self._work, unit)
+
+    def next_done(self, handles: list[Any]) -> Any:
+        done, _ = futures.wait(handles, return_when=futures.FIRST_COMPLETED)
+        return next(handle for handle in handles if handle in done)
+
+    def result(self, handle: Any) -> StageSummary:
+        return handle.result()
+
+
+@contextmanager
+def _runner(
+    work: Callable[[UnitT], StageSummary], units: int, num_cpus: float
+) -> Iterator[_Runner[UnitT]]:
+    """Ray tasks, or local processes for a plan too small to pay Ray's start-up: at most
+    ``RayConfig.local_max_units`` units, no Ray up yet, no cluster named (RAY_ADDRESS),
+    inside a run's session. As many processes at once as Ray would run tasks."""
+    session = _open
+    local = (
+        session is not None
+        and units <= session.config.local_max_units
+        and not _ray_is_up()
+        and not os.environ.get("RAY_ADDRESS")
+    )
+    if not local:
+        yield _RayTasks(work, num_cpus)
+        return
+    cores = session.config.num_cpus or os.cpu_count() or 1
+    processes = max(1, min(units, int(cores / num_cpus)))
+    with futures.ProcessPoolExecutor(processes, mp_context=get_context("spawn")) as pool:
+        yield _LocalProcesses(work, pool)

@@ -374,21 +374,31 @@ def kept_rows(table: pa.Table) -> list[int]:
 def kept_image_ids_by_unit(store: Store) -> dict[str, tuple[str, ...]]:
     """For each committed manifest unit, the image ids the manifest view keeps from it.
 
-    Reads no image bytes, so a driver can plan per-unit work over a large manifest.
+    Reads no image bytes, so a driver can plan per-unit work over a large manifest. A
+    manifest that ingest has finished holds each image once (``remove_duplicates``):
+    then only the id column is read, and the labels that choose between copies are read
+    only when some id is there twice (a run killed before ingest's last step).
     """
     units = store.committed_units(MANIFEST)
     if not units:
         return {}
+    ids = [store.read_unit(MANIFEST, unit, columns=["image_id"]) for unit in units]
+    combined = pa.concat_tables(ids)
+    if pc.count_distinct(combined.column("image_id")).as_py() == combined.num_rows:
+        return {
+            unit: tuple(table.column("image_id").to_pylist())
+            for unit, table in zip(units, ids, strict=True)
+        }
     tables = [
         store.read_unit(MANIFEST, unit, columns=["image_id", "regions", "captions"])
         for unit in units
     ]
     owner = [unit for unit, table in zip(units, tables, strict=True) for _ in range(table.num_rows)]
     combined = pa.concat_tables(tables)
-    ids = combined.column("image_id").to_pylist()
+    image_ids = combined.column("image_id").to_pylist()
     kept: dict[str, list[str]] = {unit: [] for unit in units}
     for row in kept_rows(combined):
-        kept[owner[row]].append(ids[row])
+        kept[owner[row]].append(image_ids[row])
     return {unit: tuple(image_ids) for unit, image_ids in kept.items()}
 
 

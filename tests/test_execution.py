@@ -1,7 +1,9 @@
-"""Embedded Ray: loopback only, and failing units reported without stopping the others."""
+"""Running units: embedded Ray on loopback only, local processes for a small plan, failing
+units reported without stopping the others, a Ray that does not start named in one line."""
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,7 @@ import ray
 
 from engine.execution import StageError, run_units
 from engine.summary import StageSummary
+from tests.processes import REPO
 
 LOOPBACK = ("127.0.0.1:", "[::ffff:127.0.0.1]:", "[::1]:")
 
@@ -62,3 +65,64 @@ def test_done_units_are_skipped(ray_cluster):
 def test_a_rerun_with_every_unit_done_says_nothing_to_do(ray_cluster):
     summary = run_units("test", square_or_fail, [0, 1, 2], done=lambda u: True, num_cpus=0.25)
     assert summary.format() == "[test] nothing to do: 3 units already committed"
+
+
+def run_without_ray(body: str) -> subprocess.CompletedProcess:
+    """``body`` in a fresh interpreter where starting Ray prints ``ray.init`` and fails."""
+    script = "\n".join(
+        [
+            "import ray",
+            "def refuse(*args, **kwargs):",
+            "    print('ray.init')",
+            "    raise RuntimeError('The current node timed out during startup')",
+            "ray.init = refuse",
+            "from engine.config import RayConfig",
+            "from engine.execution import StageError, ray_session, run_units",
+            "from tests.test_execution import square_or_fail",
+            body,
+        ]
+    )
+    return subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+
+
+def test_a_small_plan_runs_in_local_processes_without_starting_ray():
+    done = run_without_ray(
+        "\n".join(
+            [
+                "with ray_session(RayConfig(num_cpus=2)):",
+                "    s = run_units('t', square_or_fail, [0, 1, 2, 4], done=lambda u: False,",
+                "                  num_cpus=0.5)",
+                "    print('outputs', s.outputs, s.units_run)",
+                "    try:",
+                "        run_units('t', square_or_fail, [1, 3], done=lambda u: False, num_cpus=1)",
+                "    except StageError as exc:",
+                "        print(exc)",
+            ]
+        )
+    )
+    assert done.returncode == 0, done.stderr
+    assert "ray.init" not in done.stdout
+    assert "outputs 21 4" in done.stdout
+    assert "1 of 2 units failed (rerun to retry them): 3: ValueError: unit three" in done.stdout
+
+
+def test_a_larger_plan_starts_ray_and_a_start_that_times_out_is_one_line():
+    done = run_without_ray(
+        "\n".join(
+            [
+                "with ray_session(RayConfig(local_max_units=2)):",
+                "    try:",
+                "        run_units('t', square_or_fail, [0, 1, 2], done=lambda u: False,",
+                "                  num_cpus=0.5)",
+                "    except StageError as exc:",
+                "        print(exc)",
+            ]
+        )
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("ray.init") == 2  # tried again once
+    error = done.stdout.splitlines()[-1]
+    assert error.startswith("Ray did not start (RuntimeError: The current node timed out")
+    assert "Local cluster" in error

@@ -23,7 +23,7 @@ from engine.config import RayConfig
 from engine.execution import ray_session, run_units
 from tests.test_execution import square_or_fail
 
-with ray_session(RayConfig(num_cpus=1)):
+with ray_session(RayConfig(num_cpus=1, local_max_units=0)):  # on Ray, however few
     units = [0, 1, 2, 4]
     summary = run_units("squares", square_or_fail, units, done=lambda u: False, num_cpus=0.25)
     print(summary.outputs, get_authentication_mode() == AuthenticationMode.TOKEN)

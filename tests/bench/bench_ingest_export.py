@@ -4,10 +4,15 @@
 
 Generates JPEG photos-like images (gradients, shapes, noise), then measures on the same
 files, in one run:
+  engine CLI `python -m engine.run --stage ingest`, then `--stage export`, cold, as a user
+             runs them: interpreter start, imports, planning, the units (in local
+             processes when they are few, ``ray.local_max_units``, else on Ray), commits
   engine     `ingest` then `export` on embedded Ray, twice: a first run (worker processes
              start and import the stages) and a warm one (Ray start-up reported apart)
   plain loop one process: read, hash, PIL decode, tarfile write of jpg + json
   raw decode one process: PIL open + load of every file (the machine's decode ceiling)
+  img2dataset the same files as file:// URLs to WebDataset, when ``img2dataset`` is on
+             the PATH (it is not in the lock: ``uv pip install img2dataset``)
 and prints images/s for each, the engine's images/s per core, and the ratios.
 """
 
@@ -18,6 +23,10 @@ import hashlib
 import io
 import json
 import os
+import shutil
+import statistics
+import subprocess
+import sys
 import tarfile
 import tempfile
 import time
@@ -27,10 +36,13 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from engine.config import load_config
-from engine.execution import ray_session
+from engine.execution import ray_session, require_ray
 from engine.store import Store
 from stages.export import run_export
 from stages.ingest import plan_ingest, run_ingest
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO_CONFIG = REPO / "engine/configs/demo.yaml"
 
 
 def make_images(folder: Path, count: int, width: int, height: int) -> int:
@@ -85,16 +97,56 @@ def plain_loop(files: list[Path], out: Path) -> float:
     return time.perf_counter() - started
 
 
+def engine_cli(folder: Path, tmp: Path, cores: int) -> float:
+    """Seconds for the two commands a user types, each a fresh process."""
+    store = tmp / "store"
+    common = [
+        "--config", str(DEMO_CONFIG), "--store", str(store),
+        f"ray.num_cpus={cores}", "export.shard_max_samples=1000",
+    ]  # fmt: skip
+    started = time.perf_counter()
+    for stage in (["--stage", "ingest", "--input", str(folder)], ["--stage", "export"]):
+        subprocess.run(
+            [sys.executable, "-m", "engine.run", *stage, *common],
+            cwd=REPO, check=True, capture_output=True,
+        )  # fmt: skip
+    return time.perf_counter() - started
+
+
+def img2dataset(files: list[Path], tmp: Path, cores: int) -> float | None:
+    """Seconds for img2dataset on the same files, or None when it is not installed."""
+    command = shutil.which("img2dataset")
+    if command is None:
+        return None
+    urls = tmp / "urls.txt"
+    urls.write_text("".join(f"file://{path}\n" for path in files))
+    started = time.perf_counter()
+    subprocess.run(
+        [command, "--url_list", str(urls), "--output_folder", str(tmp / "img2dataset"),
+         "--output_format", "webdataset", "--resize_mode", "no", "--encode_format", "jpg",
+         "--processes_count", str(cores), "--thread_count", "4",
+         "--number_sample_per_shard", "1000", "--disable_all_reencoding", "True"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return time.perf_counter() - started
+
+
 def engine(folder: Path, tmp: Path, cores: int) -> tuple[float, float, float]:
     """Seconds for ingest + export on a cold Ray (first run: worker processes start and
     import the stages) and on a warm one (same session, a fresh store), and Ray's start."""
     config = load_config(
-        Path(__file__).parents[2] / "engine/configs/demo.yaml",
-        [f"ray.num_cpus={cores}", "ingest.unit_size=100", "export.shard_max_samples=1000"],
+        DEMO_CONFIG,
+        [
+            f"ray.num_cpus={cores}",
+            "ray.local_max_units=0",  # on Ray, however few the units
+            "ingest.unit_size=100",
+            "export.shard_max_samples=1000",
+        ],
     )
     started = time.perf_counter()
     timings = []
     with ray_session(config.ray):
+        require_ray()
         ray_ready = time.perf_counter()
         for run in ("cold", "warm"):
             begin = time.perf_counter()
@@ -113,6 +165,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--size", default="512x384")
     parser.add_argument("--cores", type=int, default=os.cpu_count())
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="plain loop and engine CLI, interleaved (median)"
+    )
     args = parser.parse_args()
     width, height = map(int, args.size.split("x"))
 
@@ -124,13 +179,19 @@ def main() -> None:
         raw_decode(files[:50])  # warm the page cache and PIL's codecs for every contender
 
         raw_s = raw_decode(files)
-        plain_s = plain_loop(files, Path(tmp) / "plain.tar")
+        plain, cli = [], []
+        for run in range(args.repeat):
+            plain.append(plain_loop(files, Path(tmp) / "plain.tar"))
+            cli.append(engine_cli(folder, Path(tmp) / f"cli-{run}", args.cores))
+        plain_s, cli_s = statistics.median(plain), statistics.median(cli)
+        other_s = img2dataset(files, Path(tmp), args.cores)
         cold_s, warm_s, ray_start_s = engine(folder, Path(tmp), args.cores)
 
     n = args.images
     rows = {
         "raw PIL decode (1 process)": n / raw_s,
         "plain PIL + tarfile loop (1 process)": n / plain_s,
+        f"engine CLI ingest + export, cold ({args.cores} cores)": n / cli_s,
         f"engine, first run (Ray, {args.cores} cores)": n / cold_s,
         f"engine, warm workers (Ray, {args.cores} cores)": n / warm_s,
     }
@@ -143,6 +204,11 @@ def main() -> None:
             f"  engine {label}: {per_core:.1f} images/s per core = "
             f"{per_core / (n / raw_s):.2f} x raw decode; {plain_s / seconds:.2f} x plain loop"
         )
+    ratios = sorted(p / c for p, c in zip(plain, cli, strict=True))
+    print(f"  engine CLI, cold: {plain_s / cli_s:.2f} x plain loop (median of {args.repeat}; "
+          f"runs {', '.join(f'{r:.2f}' for r in ratios)})")  # fmt: skip
+    if other_s is not None:
+        print(f"  img2dataset: {n / other_s:.1f} images/s, {plain_s / other_s:.2f} x plain loop")
     print(f"  (Ray start-up, excluded above: {ray_start_s:.1f}s)")
 
 
