@@ -25,7 +25,6 @@ from engine.lock import LockHeld, StoreLock
 from engine.round_state import commit_round, config_digest, record_step
 from engine.store import Store
 from engine.summary import StageSummary
-from engine.upgrade import ready_for_writing
 
 Work = Callable[[], StageSummary]
 
@@ -279,9 +278,7 @@ def _write_lease(
             for lease in lock.taken_over:
                 if echo is not None:
                     echo(f"took over the store's lease from a run that stopped: {lease.describe()}")
-            moved = ready_for_writing(request.store)
-            if moved and echo is not None:
-                echo(f"moved the markers of {len(moved)} dataset(s) to the store's _committed/")
+            request.store.clear_staging()  # what a killed run left half-written
             yield
             request.store.clear_staging()  # the folders the run's commits emptied
             lock.check()  # a lost lease means another run may have written meanwhile

@@ -30,6 +30,7 @@ from engine.pipeline import ROUND, STEPS, PlanError, Request, execute, plan
 from engine.round_state import committed_rounds, started_rounds
 from engine.store import Store, StoreError
 from engine.train.inputs import DEFAULT_OUTPUT
+from engine.upgrade import upgrade_layout
 
 # "all" runs one round, from ingest to report.
 STAGES = (*STEPS, "all")
@@ -143,13 +144,22 @@ def make_request(args: argparse.Namespace, config: EngineConfig) -> Request:
             raise UsageError(f"--round must be a number for train, not {args.round!r}")
         url = args.store or config.store
         store = open_store(url, args.allow_nonempty_store) if url else None
+        if store is not None:
+            _upgrade(store, config)
         round_number = int(args.round) if args.round is not None else None
     else:
         store = open_store(args.store or config.store, args.allow_nonempty_store)
+        _upgrade(store, config)
         # A refine makes a new round: the one after the latest committed, by default.
         wanted = "next" if args.stage == "refine" and args.round is None else args.round
         round_number = resolve_round(wanted, store, args.stage)
     return Request(config, store, round_number, tuple(args.input), alone=args.stage != "all")
+
+
+def _upgrade(store: Store, config: EngineConfig) -> None:
+    moved = upgrade_layout(store, config.lock_ttl_s)
+    if moved:
+        print(f"moved the markers of {len(moved)} datasets to {store.path(MARKER_ROOT)}")
 
 
 def open_store(url: str | None, allow_nonempty: bool = False) -> Store:

@@ -1,17 +1,18 @@
-"""What a run does to a store once it holds the store's write lease, before any stage.
+"""A store written before markers left the datasets' folders, moved to today's layout.
 
-A store written before markers left the datasets' folders keeps each marker in
-``<dataset>/_committed/`` and its export's index and COCO file among the shards. Its
-files are moved to today's layout (``engine/layout.py``) once, so its committed work is
-kept rather than redone. Then what a killed run left staged is cleared.
+Such a store keeps each marker in ``<dataset>/_committed/`` and its export's index and
+COCO file among the shards. The first command on it moves them to today's layout
+(``engine/layout.py``), under the store's write lease and before it plans anything, so
+its committed work is kept rather than redone.
 """
 
 from __future__ import annotations
 
 import posixpath
 
-from engine.layout import EXPORTS, MANIFEST, MARKER_ROOT, QUARANTINE, ROUNDS, SHARDS
-from engine.store import Store
+from engine.layout import EXPORTS, MANIFEST, MARKER_ROOT, QUARANTINE, ROUNDS, SHARDS, WRITE_LOCK
+from engine.lock import LockHeld, StoreLock
+from engine.store import Store, StoreError
 
 # The earlier layout's marker folders, one pattern per shape of dataset path.
 # The manifest's comes last: it is what marks a store as not yet moved, so a run killed
@@ -27,15 +28,17 @@ _OLD_MARKER_FOLDERS = (
 _OLD_EXPORT_FILES = ("_index.json", "coco.json")
 
 
-def ready_for_writing(store: Store) -> list[str]:
-    """Bring a store of the earlier layout to today's and clear its staging area; returns
-    the datasets whose markers moved. Call only under the write lease."""
-    moved = []
-    # One stat on every run: every store of the earlier layout has manifest markers there.
-    if store.fs.exists(store.path(MANIFEST, "_committed")):
-        moved = _move_old_markers(store)
-    store.clear_staging()
-    return moved
+def upgrade_layout(store: Store, lock_ttl_s: float) -> list[str]:
+    """Move a store of the earlier layout to today's; returns the datasets whose markers
+    moved (none for a store of today's layout, found with one stat: every store of the
+    earlier layout has manifest markers there)."""
+    if not store.fs.exists(store.path(MANIFEST, "_committed")):
+        return []
+    try:
+        with StoreLock(store, WRITE_LOCK, ttl_s=lock_ttl_s):
+            return _move_old_markers(store)
+    except LockHeld as exc:
+        raise StoreError(f"the store's layout must be moved first, but: {exc}") from None
 
 
 def _move_old_markers(store: Store) -> list[str]:

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from engine.layout import MANIFEST, round_layout
 from engine.pipeline import PlanError, Request, Step, Work
@@ -20,7 +24,7 @@ from engine.records import RECORD_SCHEMA, ImageRecord, records_from_table
 from engine.store import Store, manifest_view
 from engine.summary import StageSummary
 from engine.world import load_truth
-from refinement.metrics import Evaluation, evaluate, format_value
+from refinement.metrics import Evaluation, evaluate, file_name, format_value
 
 if TYPE_CHECKING:
     from spacy.language import Language
@@ -30,22 +34,58 @@ def round_quality(
     store: Store, round_number: int, truth: Mapping[str, ImageRecord], nlp: Language | None
 ) -> dict[str, Evaluation]:
     """A round scored against the truth at three points: every specialist's raw output
-    together (no deduplication), after merge, and after filter."""
+    together (no deduplication), after merge, and after filter.
+
+    Only the truth's images (by file name, as ``evaluate`` pairs them) are read into
+    records, unit by unit: the driver holds the scored images, not the dataset (a
+    world's truth is a few hundred images; the store beside it can hold millions)."""
     from stages.annotate_worker import attach
 
     layout = round_layout(round_number)
-    manifest = manifest_view(store.read(MANIFEST, columns=RECORD_SCHEMA.names))
-    raw = {r.image_id: r for r in records_from_table(manifest)}
+    names = set(truth)  # the truth's file names
+
+    def in_truth(table: pa.Table) -> pa.Array:
+        uris = table.column("uri").to_pylist()
+        return pa.array([file_name(uri) in names for uri in uris], pa.bool_())
+
+    manifest, outside = _rows_of(store, MANIFEST, in_truth, RECORD_SCHEMA.names)
+    raw = {r.image_id: r for r in records_from_table(manifest_view(manifest))}
+    scored = pa.array(sorted(raw), pa.string())
+
+    def scored_image(table: pa.Table) -> pa.Array:
+        return pc.is_in(table.column("image_id"), value_set=scored)
+
     for dataset in store_datasets(store, layout.annotate_root):
-        for extra in records_from_table(store.read(dataset)):
-            if extra.image_id in raw:
-                attach(raw[extra.image_id], extra)
-    points = {"raw": list(raw.values())}
+        table, _ = _rows_of(store, dataset, scored_image)
+        for extra in records_from_table(table) if table is not None else []:
+            attach(raw[extra.image_id], extra)
+    # What each point predicted, and for how many images outside the truth.
+    points = {"raw": (list(raw.values()), outside)}
     for name, dataset in (("merged", layout.merged), ("filtered", layout.filtered)):
-        table = store.read(dataset)
+        table, outside = _rows_of(store, dataset, scored_image)
         if table is not None:
-            points[name] = records_from_table(table)
-    return {name: evaluate(records, truth, nlp) for name, records in points.items()}
+            points[name] = (records_from_table(table), outside)
+    return {
+        name: replace(evaluate(records, truth, nlp), unmatched_predictions=outside)
+        for name, (records, outside) in points.items()
+    }
+
+
+def _rows_of(
+    store: Store,
+    dataset: str,
+    keep: Callable[[pa.Table], pa.Array],
+    columns: list[str] | None = None,
+) -> tuple[pa.Table | None, int]:
+    """The rows of ``dataset`` that ``keep`` selects, read unit by unit, and how many it
+    left out."""
+    tables, left_out = [], 0
+    for unit in store.committed_units(dataset):
+        table = store.read_unit(dataset, unit, columns)
+        kept = table.filter(keep(table))
+        tables.append(kept)
+        left_out += table.num_rows - kept.num_rows
+    return (pa.concat_tables(tables, promote_options="default") if tables else None), left_out
 
 
 def store_datasets(store: Store, folder: str) -> list[str]:

@@ -43,7 +43,6 @@ from engine.round_state import (
 )
 from engine.store import Store, records_dataset
 from engine.summary import StageSummary
-from engine.upgrade import ready_for_writing
 from refinement.churn import write_churn
 from refinement.policy import judge_student, read_policy, student_merge
 from refinement.student import StudentReport, init_source, train_student
@@ -131,9 +130,7 @@ def _refine(
     summary = StageSummary("refine", location=store.path(layout.root))
     for lease in lock.taken_over:
         summary.notes[f"took over the lease of a dead run ({lease.owner})"] += 1
-    moved = ready_for_writing(store)
-    if moved:
-        summary.notes["datasets whose markers moved to the store's _committed/"] += len(moved)
+    store.clear_staging()  # what a killed run left half-written
     state = read_round_state(store, round_number) or RoundState(round_number, parent=parent)
     write_round_state(store, state)
     digest = config_digest(config)

@@ -23,9 +23,9 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
-from spacy.language import Language
 
 from engine.config import EngineConfig, FilterConfig
 from engine.execution import StageError, run_units
@@ -43,6 +43,9 @@ from engine.summary import StageSummary
 from filters.grounding import decide_grounding
 from filters.regions import RecordDecision, decide_regions
 from filters.text import add_caption_stats, caption_decision, load_pipeline
+
+if TYPE_CHECKING:  # spaCy (and torch under it) loads in the workers that parse, not to plan
+    from spacy.language import Language
 
 
 @dataclass(frozen=True, slots=True)

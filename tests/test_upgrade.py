@@ -1,5 +1,5 @@
 """A store written before markers left the datasets' folders is moved to today's layout
-by the first writing run, its committed work kept."""
+by the first command on it, its committed work kept."""
 
 import json
 import posixpath
@@ -7,8 +7,9 @@ import posixpath
 import pyarrow as pa
 
 from engine.layout import MANIFEST, round_layout
+from engine.run import main
 from engine.store import Store
-from engine.upgrade import ready_for_writing
+from engine.upgrade import upgrade_layout
 
 
 def old_layout(store: Store, dataset: str) -> None:
@@ -32,9 +33,8 @@ def test_markers_and_export_files_move_and_every_unit_stays_committed(tmp_path):
     for dataset in [*datasets, layout.shards]:
         old_layout(store, dataset)
         assert not store.committed_units(dataset)
-    store.write_bytes("_staging/manifest/part-u2.parquet", b"left by a killed run")
 
-    moved = ready_for_writing(store)
+    moved = upgrade_layout(store, lock_ttl_s=60)
 
     assert sorted(moved) == sorted([*datasets, layout.shards])
     for dataset in datasets:
@@ -45,5 +45,15 @@ def test_markers_and_export_files_move_and_every_unit_stays_committed(tmp_path):
         store.path(layout.shards, "u1-00000.tar")
     ]
     assert store.read_json(layout.shard_index) == index
-    assert not store.exists("_staging")
-    assert ready_for_writing(store) == []  # once
+    assert not store.exists("locks/write") or not store.fs.ls(store.path("locks/write"))
+    assert upgrade_layout(store, lock_ttl_s=60) == []  # once
+
+
+def test_the_first_command_on_an_old_store_moves_it_before_planning(tmp_path, capsys):
+    store = Store(str(tmp_path / "store"))
+    store.commit_unit("u1", {MANIFEST: pa.table({"image_id": ["a"]})})
+    old_layout(store, MANIFEST)
+    # A later stage checks that the store holds images: it must see the moved markers.
+    assert main(["--stage", "status", "--store", store.url]) == 0
+    assert "moved the markers of 1 datasets" in capsys.readouterr().out
+    assert store.is_committed(MANIFEST, "u1")
