@@ -34,6 +34,7 @@ from engine.records import (
     RECORD_SCHEMA,
     CocoId,
     ImageRecord,
+    Region,
     record_to_sample,
     records_from_table,
 )
@@ -43,6 +44,10 @@ from refinement.targets import florence2_targets
 
 # Fixed tar timestamps: exporting the same records twice gives identical bytes.
 TAR_MTIME = 0
+# What coco.json needs of a record: no captions or phrases.
+_COCO_COLUMNS = [
+    "image_id", "uri", "source", "width", "height", "sha256", "regions", "coco_image_id",
+]  # fmt: skip
 # Where a uri's tail is cut to name an image in coco.json: folders, and tar members.
 _SEPARATOR = re.compile("[/#]")
 
@@ -247,24 +252,34 @@ def write_coco(
       here: a COCO file's categories without boxes are not kept by ingest.
 
     OCR regions and proposals are not COCO categories and are left to the shards' JSON.
+
+    Streamed: a first pass over the units gathers what names and ids depend on (each
+    image's uri and original id, the distinct categories), then the images and the
+    annotations are written unit by unit, so the driver holds a name and an id per
+    image, never the records. The file is written under ``_staging/`` and moved into
+    place, so a reader never meets it half-written.
     """
-    records = []
-    for unit in units:
-        wanted = set(unit.image_ids)
-        table = store.read_unit(dataset, unit.key, columns=RECORD_SCHEMA.names)
-        for record in records_from_table(table):
-            if record.image_id in wanted:
-                objects = [r for r in record.regions if r.kind == "object"]
-                # Ids are given once every image is known: all of them are held, so
-                # only what the file needs.
-                records.append(replace(record, captions={}, phrases=[], regions=objects))
-    file_names = _file_names([record.uri for record in records])
-    image_ids = _image_ids([record.coco_image_id for record in records])
-    category_ids, categories = _categories(records)
-    images, annotations = [], []
-    for record, file_name, image_id in zip(records, file_names, image_ids, strict=True):
-        images.append(
-            {
+    uris: list[str] = []
+    originals: list[CocoId | None] = []
+    labels: dict[tuple[CocoId | None, str], None] = {}  # in order of first appearance
+    for record in _object_records(store, dataset, units):
+        uris.append(record.uri)
+        originals.append(record.coco_image_id)
+        labels.update(dict.fromkeys((r.category_id, r.text) for r in record.regions))
+    file_names = _file_names(uris)
+    image_ids = _image_ids(originals)
+    category_ids, categories = _categories(labels)
+    folder, name = posixpath.split(relpath)
+    staged = store.staging_path(folder, name)
+    store.fs.makedirs(posixpath.dirname(staged), exist_ok=True)
+    with store.fs.open(staged, "w") as out:
+        info = {"description": f"FLD export of {dataset}", "shards": [s["name"] for s in shards]}
+        out.write(f'{{"info": {json.dumps(info)}, "images": [')
+        records = _object_records(store, dataset, units)
+        for index, (record, file_name, image_id) in enumerate(
+            zip(records, file_names, image_ids, strict=True)
+        ):
+            image = {
                 "id": image_id,
                 "file_name": file_name,
                 "width": record.width,
@@ -272,31 +287,54 @@ def write_coco(
                 "fld_image_id": record.image_id,
                 "fld_uri": record.uri,
             }
-        )
-        for region in record.regions:
-            x0, y0, x1, y1 = region.box
-            annotation = {
-                "id": len(annotations) + 1,
-                "image_id": image_id,
-                "category_id": category_ids[region.category_id, region.text],
-                "bbox": [x0, y0, x1 - x0, y1 - y0],
-                "area": (x1 - x0) * (y1 - y0),
-                "iscrowd": 0,
-                "score": region.score,
-                "source": region.source,
-            }
-            if region.polygons:
-                annotation["segmentation"] = region.polygons
-                rles = mask_utils.frPyObjects(region.polygons, record.height, record.width)
-                annotation["area"] = float(mask_utils.area(mask_utils.merge(rles)))
-            annotations.append(annotation)
-    coco = {
-        "info": {"description": f"FLD export of {dataset}", "shards": [s["name"] for s in shards]},
-        "images": images,
-        "annotations": annotations,
-        "categories": [{"id": i, "name": name} for i, name in categories.items()],
+            out.write(("," if index else "") + json.dumps(image))
+        out.write('], "annotations": [')
+        annotations = 0
+        for record, image_id in zip(_object_records(store, dataset, units), image_ids, strict=True):
+            for region in record.regions:
+                annotation = _annotation(record, region, image_id, category_ids)
+                annotations += 1
+                annotation["id"] = annotations
+                out.write(("," if annotations > 1 else "") + json.dumps(annotation))
+        listed = [{"id": i, "name": label} for i, label in categories.items()]
+        out.write(f'], "categories": {json.dumps(listed)}}}')
+    store.fs.makedirs(store.path(folder), exist_ok=True)
+    store.fs.mv(staged, store.path(relpath))
+
+
+def _object_records(store: Store, dataset: str, units: list[ExportUnit]) -> Iterator[ImageRecord]:
+    """The exported records in export order, with their object regions only, one unit
+    read at a time."""
+    for unit in units:
+        wanted = set(unit.image_ids)
+        table = store.read_unit(dataset, unit.key, columns=_COCO_COLUMNS)
+        for record in records_from_table(table):
+            if record.image_id in wanted:
+                objects = [r for r in record.regions if r.kind == "object"]
+                yield replace(record, regions=objects)
+
+
+def _annotation(
+    record: ImageRecord,
+    region: Region,
+    image_id: CocoId,
+    category_ids: dict[tuple[CocoId | None, str], CocoId],
+) -> dict[str, Any]:
+    x0, y0, x1, y1 = region.box
+    annotation = {
+        "image_id": image_id,
+        "category_id": category_ids[region.category_id, region.text],
+        "bbox": [x0, y0, x1 - x0, y1 - y0],
+        "area": (x1 - x0) * (y1 - y0),
+        "iscrowd": 0,
+        "score": region.score,
+        "source": region.source,
     }
-    store.write_bytes(relpath, json.dumps(coco).encode())
+    if region.polygons:
+        annotation["segmentation"] = region.polygons
+        rles = mask_utils.frPyObjects(region.polygons, record.height, record.width)
+        annotation["area"] = float(mask_utils.area(mask_utils.merge(rles)))
+    return annotation
 
 
 def _file_names(uris: list[str]) -> list[str]:
@@ -346,34 +384,32 @@ def _image_ids(originals: list[CocoId | None]) -> list[CocoId]:
 
 
 def _categories(
-    records: list[ImageRecord],
+    labels: Iterable[tuple[CocoId | None, str]],
 ) -> tuple[dict[tuple[CocoId | None, str], CocoId], dict[CocoId, str]]:
-    """``(region.category_id, region.text)`` -> the region's category id in the export,
-    and the export's categories (id -> name): the users' first, in order of appearance.
+    """``(region.category_id, region.text)`` of every exported object region, distinct and
+    in order of first appearance -> each one's category id in the export, and the
+    export's categories (id -> name): the users' first, in order of appearance.
 
     An original id keeps the first name it comes with; a box whose COCO files named its
     id otherwise is a category of its own name (like a machine region's text).
     """
+    labels = list(labels)
     names: dict[CocoId, str] = {}
-    for record in records:
-        for region in record.regions:
-            if region.category_id is not None:
-                names.setdefault(region.category_id, region.text)
+    for category_id, text in labels:
+        if category_id is not None:
+            names.setdefault(category_id, text)
     by_name: dict[str, CocoId] = {}
     for category_id, name in names.items():
         by_name.setdefault(name, category_id)
     fresh = _fresh_ids(names)
     ids: dict[tuple[CocoId | None, str], CocoId] = {}
-    for record in records:
-        for region in record.regions:
-            key = (region.category_id, region.text)
-            if key in ids:
-                continue
-            if region.category_id is not None and names[region.category_id] == region.text:
-                ids[key] = region.category_id
-                continue
-            if region.text not in by_name:
-                by_name[region.text] = next(fresh)
-                names[by_name[region.text]] = region.text
-            ids[key] = by_name[region.text]
+    for key in labels:
+        category_id, text = key
+        if category_id is not None and names[category_id] == text:
+            ids[key] = category_id
+            continue
+        if text not in by_name:
+            by_name[text] = next(fresh)
+            names[by_name[text]] = text
+        ids[key] = by_name[text]
     return ids, names

@@ -68,22 +68,43 @@ build in 7 and 8 s; peak RSS delta of one call in MB):
   report.stats                  94.2     328.6    3.49  GROWS           293.0
   evaluation.quality           499.2    2585.6    5.18  GROWS          2607.9
 
-Every planning step but filter's is O(images). Annotate's, merge's and export's are
-``kept_image_ids_by_unit`` and nothing more (their own units add < 1 MB): it reads the
-``image_id``, ``regions`` and ``captions`` columns of every manifest unit at once and
-concatenates them (56 MB of the 88 at 100k: whole nested regions and captions, read to
-count labels), then ``kept_rows`` lists every id into a dict (20 MB) and the ids and
-each row's unit into lists; the dict it returns is 5 MB. ``remove_duplicates`` does the
-same read plus one Python dict per row (``to_pylist`` of id, uri, sha256). Filter plans
-from markers alone. ``write_coco`` holds every exported record, then every image and
-box as dicts, then the whole file as one string: about 8.6 KB per image here (four to
-seven boxes each). The report reads the whole records dataset into one Arrow table,
-and its histograms are Python lists of one value per caption, image and box.
-``round_quality``
-turns the manifest, every specialist's output, merged and filtered into Python records,
-all held at once: about 26 KB per image. At 1M rows, by the slopes: ~0.9 GB for each
-planning step, 1.4 GB for remove_duplicates, 2.9 GB for the report's statistics, 8.6 GB
-for coco.json and 26 GB for round_quality.
+Every planning step but filter's was O(images). Annotate's, merge's and export's were
+``kept_image_ids_by_unit`` and nothing more (their own units add < 1 MB): it read the
+``image_id``, ``regions`` and ``captions`` columns of every manifest unit at once (56 MB
+of the 88 at 100k, whole nested regions and captions read to count labels), then
+``kept_rows`` listed every id into a dict. ``remove_duplicates`` did the same read plus
+one Python dict per row. ``write_coco`` held every exported record, then every image and
+box as dicts, then the whole file as one string (8.6 KB per image). The report reads the
+whole records dataset into one Arrow table, and its histograms are Python lists of one
+value per caption, image and box. ``round_quality`` turned every dataset of the round
+into Python records, all held at once (26 KB per image).
+
+Since then (same command, same stores):
+
+  function                     20000    100000   ratio  verdict  MB/100k rows
+  kept_image_ids_by_unit        10.0      36.9    3.69  GROWS            33.7
+  ingest.remove_dup              8.5      29.1    3.42  GROWS            25.8
+  ingest.plan_rerun              1.6       7.1    4.53  GROWS             6.9
+  annotate.plan                  9.8      37.0    3.79  GROWS            34.0
+  merge.plan                     9.8      37.1    3.77  GROWS            34.0
+  filter.plan                    0.0       0.0    1.00  flat              0.0
+  export.plan                   10.1      37.1    3.68  GROWS            33.8
+  export.write_coco             14.0      41.7    2.99  GROWS            34.6
+  report.stats                  97.5     339.3    3.48  GROWS           302.3
+  evaluation.quality             5.8       7.9    1.36  flat              2.6
+
+- a manifest that ingest finished holds each image once, so ``kept_image_ids_by_unit``
+  and ``remove_duplicates`` read the id column alone (labels only when an id repeats);
+  what is left is the ids themselves, held as Python strings per unit;
+- ``write_coco`` streams: one pass gathers each image's uri and original id and the
+  distinct categories, then images and annotations are written unit by unit (3.7 s per
+  20k rows, was 4.2);
+- ``round_quality`` reads only the truth's images, unit by unit: flat.
+
+Still O(images): the planners' id lists (units should carry none when the manifest is
+known to hold each image once), coco.json's file names and ids (its unique-tail naming
+needs every uri), and the report's statistics (to move into DuckDB over the committed
+parts).
 """
 
 from __future__ import annotations
