@@ -20,6 +20,7 @@
     exports/rNNN/coco.json         the round's object regions as a COCO detection file
     reports/rNNN/                  statistics and gallery (index.html, stats.json)
     _committed/<dataset>/<unit>.json   a unit's marker: what it commits, and from what
+    _committed/manifest.checked.json   the manifest ingest last found to hold each image once
     _staging/<dataset>/            files being written, before their unit's marker
 
 Paths are relative to the store's root (``Store.path`` makes them absolute). Datasets
@@ -44,6 +45,8 @@ EXPORTS = "exports"
 REPORTS = "reports"
 MARKER_ROOT = "_committed"
 STAGING_ROOT = "_staging"
+# The manifest that ingest last checked for copies of an image (engine.store).
+CHECKED_MANIFEST = f"{MARKER_ROOT}/manifest.checked.json"
 
 
 def round_name(number: int) -> str:

@@ -41,13 +41,10 @@ from collections.abc import Collection, Iterable
 from typing import Any
 
 import fsspec
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engine.layout import MANIFEST, MARKER_ROOT, STAGING_ROOT, round_layout
-from engine.records import CAPTION_KINDS, MANIFEST_SCHEMA
 
 # What ``check_writable`` writes and removes at the root; a kill can leave it behind.
 WRITE_PROBE = ".write-probe"
@@ -338,68 +335,6 @@ def records_dataset(store: Store, round_number: int) -> str:
         if store.committed_units(dataset):
             return dataset
     return MANIFEST
-
-
-def manifest_view(table: pa.Table | None) -> pa.Table:
-    """The manifest as stages see it: one row per ``image_id`` (see ``kept_rows``)."""
-    if table is None:
-        return MANIFEST_SCHEMA.empty_table()
-    keep = kept_rows(table)
-    return table.take(keep) if len(keep) < table.num_rows else table
-
-
-def kept_rows(table: pa.Table) -> list[int]:
-    """Indices of the rows the manifest keeps, ascending: one per ``image_id``.
-
-    Ingest units run in parallel and each keeps every image it decoded, so the same
-    content can land in two parts (a photo in a folder and again in a COCO file).
-    Of such rows the one with the most human labels wins, then the first in unit
-    order: labels are never lost to an unlabelled copy, and the choice does not depend
-    on which unit finished first. ``table`` needs ``image_id``, ``regions``, ``captions``.
-    """
-    labels = pc.fill_null(pc.list_value_length(table.column("regions")), 0).to_numpy()
-    labels = labels.astype(np.int64)
-    captions = table.column("captions")
-    for index in range(len(CAPTION_KINDS)):
-        present = pc.is_valid(pc.struct_field(captions, [index, 0]))
-        labels += present.to_numpy(zero_copy_only=False).astype(np.int64)
-    best: dict[str, int] = {}
-    for row, image_id in enumerate(table.column("image_id").to_pylist()):
-        kept = best.get(image_id)
-        if kept is None or labels[row] > labels[kept]:
-            best[image_id] = row
-    return sorted(best.values())
-
-
-def kept_image_ids_by_unit(store: Store) -> dict[str, tuple[str, ...]]:
-    """For each committed manifest unit, the image ids the manifest view keeps from it.
-
-    Reads no image bytes, so a driver can plan per-unit work over a large manifest. A
-    manifest that ingest has finished holds each image once (``remove_duplicates``):
-    then only the id column is read, and the labels that choose between copies are read
-    only when some id is there twice (a run killed before ingest's last step).
-    """
-    units = store.committed_units(MANIFEST)
-    if not units:
-        return {}
-    ids = [store.read_unit(MANIFEST, unit, columns=["image_id"]) for unit in units]
-    combined = pa.concat_tables(ids)
-    if pc.count_distinct(combined.column("image_id")).as_py() == combined.num_rows:
-        return {
-            unit: tuple(table.column("image_id").to_pylist())
-            for unit, table in zip(units, ids, strict=True)
-        }
-    tables = [
-        store.read_unit(MANIFEST, unit, columns=["image_id", "regions", "captions"])
-        for unit in units
-    ]
-    owner = [unit for unit, table in zip(units, tables, strict=True) for _ in range(table.num_rows)]
-    combined = pa.concat_tables(tables)
-    image_ids = combined.column("image_id").to_pylist()
-    kept: dict[str, list[str]] = {unit: [] for unit in units}
-    for row in kept_rows(combined):
-        kept[owner[row]].append(image_ids[row])
-    return {unit: tuple(image_ids) for unit, image_ids in kept.items()}
 
 
 def _compression(table: pa.Table) -> dict[str, str]:

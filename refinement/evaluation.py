@@ -19,9 +19,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from engine.layout import MANIFEST, round_layout
+from engine.manifest import manifest_view
 from engine.pipeline import PlanError, Request, Step, Work
 from engine.records import RECORD_SCHEMA, ImageRecord, records_from_table
-from engine.store import Store, manifest_view
+from engine.store import Store
 from engine.summary import StageSummary
 from engine.world import load_truth
 from refinement.metrics import Evaluation, evaluate, file_name, format_value

@@ -45,6 +45,7 @@ import numpy as np
 
 from engine.config import EngineConfig, RefinePolicyConfig, SpecialistConfig
 from engine.layout import MANIFEST, round_layout
+from engine.manifest import keeps, kept_image_ids_by_unit
 from engine.records import (
     HUMAN_PREFIX,
     RECORD_SCHEMA,
@@ -52,7 +53,7 @@ from engine.records import (
     records_from_table,
     records_to_table,
 )
-from engine.store import Store, kept_image_ids_by_unit
+from engine.store import Store
 from filters.regions import remap_phrases
 from filters.text import add_caption_stats
 from refinement.metrics import figure
@@ -214,12 +215,12 @@ def judge_student(
     outputs_by_family: dict[str, list[list[ImageRecord]]] = {f: [] for f in families}
     views_by_unit: dict[str, list[tuple[ImageRecord, dict[str, list[ImageRecord]]]]] = {}
     for unit, ids in sorted(kept_image_ids_by_unit(store).items()):
-        wanted = set(ids)
+        wanted = None if ids is None else set(ids)
         manifest = store.read_unit(MANIFEST, unit, columns=RECORD_SCHEMA.names)
         chosen = {
             r.image_id: r
             for r in records_from_table(manifest)
-            if r.image_id in wanted and is_validation(r, policy.validation_fraction)
+            if keeps(wanted, r.image_id) and is_validation(r, policy.validation_fraction)
         }
         views_by_unit[unit] = []
         if not chosen:

@@ -29,7 +29,8 @@ import ray
 from engine.config import EngineConfig, SpecialistConfig
 from engine.execution import StageError, check_fits, progress_bar
 from engine.layout import MANIFEST, round_layout
-from engine.store import Store, fingerprint, kept_image_ids_by_unit
+from engine.manifest import kept_image_ids_by_unit, unit_image_ids
+from engine.store import Store, fingerprint
 from engine.summary import StageSummary
 from specialists import build_specialist
 from specialists.base import Specialist
@@ -290,18 +291,25 @@ def _run_level(
     config: EngineConfig,
     round_number: int,
     specs: list[SpecialistConfig],
-    units: dict[str, tuple[str, ...]],
+    units: dict[str, tuple[str, ...] | None],
     upstream: dict[str, list[str]],
     summary: StageSummary,
 ) -> None:
     """Run the specialists of one level together, each over every unit not yet committed."""
     pending: dict[str, tuple[SpecialistConfig, list[str], dict[str, str]]] = {}
+    # Each unit's ids are read once for the level and kept only as a count.
+    inputs_by_spec: dict[str, dict[str, str]] = {spec.name: {} for spec in specs}
+    sizes: dict[str, int] = {}
+    for unit, kept in units.items():
+        ids = unit_image_ids(store, unit, kept)
+        sizes[unit] = len(ids)
+        for spec in specs:
+            inputs_by_spec[spec.name][unit] = annotate_inputs(
+                store, spec, unit, ids, upstream[spec.name]
+            )
     for spec in specs:
         dataset = round_layout(round_number).annotate(spec.name)
-        inputs = {
-            unit: annotate_inputs(store, spec, unit, units[unit], upstream[spec.name])
-            for unit in units
-        }
+        inputs = inputs_by_spec[spec.name]
         todo = [u for u in units if not store.is_current(dataset, u, inputs[u])]
         summary.units_skipped += len(units) - len(todo)
         redone = sum(1 for unit in todo if store.is_committed(dataset, unit))
@@ -323,7 +331,7 @@ def _run_level(
 
         def open_unit(unit: str, name: str = name, inputs: dict = inputs) -> _UnitJob:
             ref = prepare.remote(store.url, unit, units[unit], upstream[name])
-            return _UnitJob(unit, len(units[unit]), ref, inputs[unit])
+            return _UnitJob(unit, sizes[unit], ref, inputs[unit])
 
         pools[name] = _Pool(spec, store.url, round_number, todo, open_unit, config)
 

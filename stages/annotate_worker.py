@@ -26,6 +26,7 @@ from PIL import Image
 
 from engine.config import SpecialistConfig
 from engine.layout import MANIFEST, round_layout
+from engine.manifest import keeps
 from engine.records import (
     ANNOTATION_SCHEMA,
     IMAGE_COLUMN,
@@ -58,18 +59,19 @@ class PreparedUnit:
 
 
 def prepare_unit(
-    store_url: str, unit: str, image_ids: Sequence[str], upstream: Sequence[str]
+    store_url: str, unit: str, image_ids: Sequence[str] | None, upstream: Sequence[str]
 ) -> PreparedUnit:
-    """Read and decode one unit's images and attach the upstream specialists' output."""
+    """Read and decode one unit's images (``image_ids`` of them; None: all) and attach the
+    upstream specialists' output."""
     store = Store(store_url)
     table = store.read_unit(MANIFEST, unit, columns=[*RECORD_SCHEMA.names, IMAGE_COLUMN])
-    wanted = set(image_ids)
+    wanted = None if image_ids is None else set(image_ids)
     records, pixels = [], []
     by_id = {}
     for record, jpeg in zip(
         records_from_table(table), table.column(IMAGE_COLUMN).to_pylist(), strict=True
     ):
-        if record.image_id in wanted and record.image_id not in by_id:
+        if keeps(wanted, record.image_id) and record.image_id not in by_id:
             by_id[record.image_id] = record
             records.append(record)
             with Image.open(io.BytesIO(jpeg)) as image:

@@ -29,6 +29,7 @@ from pycocotools import mask as mask_utils
 from engine.config import EngineConfig, ExportConfig
 from engine.execution import run_units
 from engine.layout import MANIFEST, RoundLayout, round_layout
+from engine.manifest import keeps, kept_image_ids_by_unit, unit_image_ids
 from engine.records import (
     IMAGE_COLUMN,
     RECORD_SCHEMA,
@@ -38,7 +39,7 @@ from engine.records import (
     record_to_sample,
     records_from_table,
 )
-from engine.store import Store, fingerprint, kept_image_ids_by_unit, records_dataset
+from engine.store import Store, fingerprint, records_dataset
 from engine.summary import StageSummary
 from refinement.targets import florence2_targets
 
@@ -57,8 +58,8 @@ class ExportUnit:
     key: str
     store_url: str
     records_dataset: str
-    # The manifest rows of this unit that the manifest view keeps (first of each image).
-    image_ids: tuple[str, ...]
+    # The manifest rows of this unit that the manifest view keeps; None: all of them.
+    image_ids: tuple[str, ...] | None
     out_dir: str
     config: ExportConfig
     # What the unit is exported from (engine.store.fingerprint).
@@ -76,17 +77,17 @@ def run_export(store: Store, config: EngineConfig, round_number: int) -> StageSu
             key,
             store.url,
             dataset,
-            ids,
+            kept,
             out_dir,
             config.export,
             fingerprint(
                 "export",
                 config.export,
-                ids,
+                unit_image_ids(store, key, kept),
                 {d: store.marker_fingerprint(d, key) for d in (dataset, MANIFEST)},
             ),
         )
-        for key, ids in kept_image_ids_by_unit(store).items()
+        for key, kept in kept_image_ids_by_unit(store).items()
         if key in committed
     ]
     summary = run_units(
@@ -108,7 +109,7 @@ def run_export(store: Store, config: EngineConfig, round_number: int) -> StageSu
 def export_unit(unit: ExportUnit) -> StageSummary:
     store = Store(unit.store_url)
     summary = StageSummary("export")
-    wanted = set(unit.image_ids)
+    wanted = None if unit.image_ids is None else set(unit.image_ids)
     images = store.read_unit(MANIFEST, unit.key, columns=["image_id", IMAGE_COLUMN])
     image_by_id = dict(
         zip(
@@ -122,7 +123,7 @@ def export_unit(unit: ExportUnit) -> StageSummary:
         for r in records_from_table(
             store.read_unit(unit.records_dataset, unit.key, columns=RECORD_SCHEMA.names)
         )
-        if r.image_id in wanted
+        if keeps(wanted, r.image_id)
     ]
     summary.inputs = len(records)
     shards: list[dict[str, Any]] = []
@@ -306,10 +307,10 @@ def _object_records(store: Store, dataset: str, units: list[ExportUnit]) -> Iter
     """The exported records in export order, with their object regions only, one unit
     read at a time."""
     for unit in units:
-        wanted = set(unit.image_ids)
+        wanted = None if unit.image_ids is None else set(unit.image_ids)
         table = store.read_unit(dataset, unit.key, columns=_COCO_COLUMNS)
         for record in records_from_table(table):
-            if record.image_id in wanted:
+            if keeps(wanted, record.image_id):
                 objects = [r for r in record.regions if r.kind == "object"]
                 yield replace(record, regions=objects)
 

@@ -37,6 +37,7 @@ from fsspec.implementations.local import LocalFileSystem
 from engine.config import EngineConfig, IngestConfig
 from engine.execution import run_units
 from engine.layout import MANIFEST, QUARANTINE
+from engine.manifest import kept_rows, record_manifest_checked
 from engine.records import (
     ImageRecord,
     QuarantineEntry,
@@ -44,7 +45,7 @@ from engine.records import (
     quarantine_to_table,
     records_to_table,
 )
-from engine.store import Store, StoreError, fingerprint, kept_rows
+from engine.store import Store, StoreError, fingerprint
 from engine.summary import StageSummary
 from stages.image_decode import RefusedInput, decode_image
 from stages.ingest_coco import CocoInput, HumanLabels, labels_to_regions, read_coco, unite
@@ -264,6 +265,7 @@ def remove_duplicates(store: Store) -> int:
         or [pa.table({"image_id": pa.array([], pa.string())})]
     ).column("image_id")
     if pc.count_distinct(ids).as_py() == len(ids):  # each image once: the usual answer
+        record_manifest_checked(store)
         return 0
     columns = ["image_id", "uri", "sha256", "regions", "captions"]
     tables = [store.read_unit(MANIFEST, unit, columns=columns) for unit in units]
@@ -293,6 +295,7 @@ def remove_duplicates(store: Store) -> int:
         store.commit_unit(key, {QUARANTINE: quarantine_to_table(new)})
     for unit in sorted({owner[index] for index in copies}):
         _commit_without(store, unit, {rows[i]["uri"] for i in copies if owner[i] == unit})
+    record_manifest_checked(store)
     return len(new)
 
 

@@ -49,6 +49,7 @@ from engine.config import EngineConfig, SpecialistConfig
 from engine.execution import StageError, run_units
 from engine.geometry import pairwise_iou
 from engine.layout import MANIFEST, round_layout
+from engine.manifest import keeps, kept_image_ids_by_unit, unit_image_ids
 from engine.records import (
     HUMAN_PREFIX,
     RECORD_SCHEMA,
@@ -58,7 +59,7 @@ from engine.records import (
     records_from_table,
     records_to_table,
 )
-from engine.store import Store, fingerprint, kept_image_ids_by_unit
+from engine.store import Store, fingerprint
 from engine.summary import StageSummary
 from filters.regions import match_regions
 from specialists import build_specialist
@@ -104,7 +105,8 @@ class SpecialistMerge:
 class MergeUnit:
     key: str
     store_url: str
-    image_ids: tuple[str, ...]
+    # The manifest rows of this unit that the manifest view keeps; None: all of them.
+    image_ids: tuple[str, ...] | None
     # The dataset whose records the outputs are merged onto.
     base: str
     # Specialist outputs to merge, in config order (that order breaks caption ties).
@@ -168,7 +170,7 @@ def run_merge(
             out,
             policy,
             tuple(region_texts),
-            fingerprint("merge", policy, ids, upstream[key]),
+            fingerprint("merge", policy, unit_image_ids(store, key, ids), upstream[key]),
         )
         for key, ids in chosen.items()
     ]
@@ -204,9 +206,9 @@ def output_datasets(
 def merge_unit(unit: MergeUnit) -> StageSummary:
     store = Store(unit.store_url)
     summary = StageSummary("merge")
-    wanted = set(unit.image_ids)
+    wanted = None if unit.image_ids is None else set(unit.image_ids)
     base = store.read_unit(unit.base, unit.key, columns=RECORD_SCHEMA.names)
-    records = {r.image_id: r for r in records_from_table(base) if r.image_id in wanted}
+    records = {r.image_id: r for r in records_from_table(base) if keeps(wanted, r.image_id)}
     outputs = read_outputs(store, unit.key, unit.sources, set(records), summary.dropped)
     region_text_datasets = [d for _, d in unit.region_texts]
     texts = read_outputs(store, unit.key, region_text_datasets, set(records), summary.dropped)

@@ -29,9 +29,10 @@ import yaml
 
 from engine.config import EngineConfig
 from engine.layout import MANIFEST, QUARANTINE, round_layout
+from engine.manifest import manifest_view
 from engine.records import DROPPED_SCHEMA, QUARANTINE_SCHEMA, RECORD_SCHEMA
 from engine.round_state import RoundState, config_digest, read_round_state
-from engine.store import Store, manifest_view, records_dataset
+from engine.store import Store, records_dataset
 from engine.summary import StageSummary
 from stages import report_gallery, report_page, report_rounds, report_stats
 

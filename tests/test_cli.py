@@ -14,10 +14,11 @@ import webdataset as wds
 from engine.config import load_config
 from engine.layout import MANIFEST, WRITE_LOCK
 from engine.lock import StoreLock
+from engine.manifest import manifest_view
 from engine.records import ImageRecord, records_to_table
 from engine.round_state import commit_round, record_step
 from engine.run import UsageError, main, resolve_round
-from engine.store import Store, manifest_view
+from engine.store import Store
 from tests.inputs import encode, messy_input_folder, photo
 from tests.processes import REPO, kill_process_tree, ray_temp_dir, start_cli
 

@@ -3,8 +3,9 @@ import json
 import pytest
 
 from engine.config import load_config
+from engine.manifest import kept_image_ids_by_unit, manifest_view, unit_image_ids
 from engine.records import records_from_table
-from engine.store import Store, kept_image_ids_by_unit, manifest_view
+from engine.store import Store
 from stages.ingest import InputError, plan_ingest, run_ingest
 from stages.ingest_coco import HumanLabels, labels_to_regions, read_coco, unite
 from tests.inputs import encode, messy_input_folder, photo, write_coco
@@ -62,6 +63,14 @@ def test_rerun_skips_committed_units_and_adds_nothing(tmp_path, ray_cluster):
     assert (store.read("manifest").num_rows, store.read("quarantine").num_rows) == first
 
 
+def ids_by_unit(store: Store) -> dict[str, tuple[str, ...]]:
+    """Each manifest unit's images. Ingest left the manifest checked (each image once), so
+    planners are told "all of the unit" without reading it."""
+    kept = kept_image_ids_by_unit(store)
+    assert set(kept.values()) == {None}
+    return {unit: unit_image_ids(store, unit, None) for unit in kept}
+
+
 def test_a_grown_folder_adds_exactly_its_new_images(tmp_path, ray_cluster):
     folder = tmp_path / "in"
     folder.mkdir()
@@ -69,7 +78,7 @@ def test_a_grown_folder_adds_exactly_its_new_images(tmp_path, ray_cluster):
         (folder / f"{k:02d}.jpg").write_bytes(encode(photo(40, 30, seed=k)))
     store = Store(str(tmp_path / "store"))
     ingest(store, str(folder))
-    units_before = kept_image_ids_by_unit(store)
+    units_before = ids_by_unit(store)
 
     # A new image that sorts first would shift every chunk of the sorted listing.
     (folder / "00-new.jpg").write_bytes(encode(photo(40, 30, seed=99)))
@@ -80,7 +89,7 @@ def test_a_grown_folder_adds_exactly_its_new_images(tmp_path, ray_cluster):
     manifest = store.read("manifest")
     assert manifest.num_rows == 10 and len(set(manifest.column("uri").to_pylist())) == 10
     assert store.read("quarantine") is None or store.read("quarantine").num_rows == 0
-    units_after = kept_image_ids_by_unit(store)
+    units_after = ids_by_unit(store)
     assert {u: ids for u, ids in units_after.items() if u in units_before} == units_before
     assert len(units_after) == len(units_before) + 1
 

@@ -25,7 +25,8 @@ from pathlib import Path
 import pytest
 
 from engine.layout import MANIFEST
-from engine.store import Store, manifest_view
+from engine.manifest import manifest_view
+from engine.store import Store
 from tests.inputs import good_images
 from tests.processes import REPO, kill_ray_head, ray_head_processes
 

@@ -7,13 +7,11 @@ import pytest
 
 from engine.records import (
     RECORD_SCHEMA,
-    Caption,
     ImageRecord,
-    Region,
     records_from_table,
     records_to_table,
 )
-from engine.store import Store, fingerprint, kept_image_ids_by_unit, manifest_view
+from engine.store import Store, fingerprint
 
 
 def table(ids):
@@ -171,44 +169,6 @@ def test_parts_read_in_unit_order(store):
     assert store.committed_units("ds") == ["a", "b"]
     assert store.read("ds").column("image_id").to_pylist() == ["1", "2", "3"]
     assert store.read("ds", columns=["n"]).column_names == ["n"]
-
-
-def test_manifest_view_keeps_first_of_each_image():
-    records = [ImageRecord(i, f"u{k}", "s", 1, 1, "h") for k, i in enumerate("abab")]
-    view = manifest_view(records_to_table(records, images=[b"x"] * 4))
-    assert view.column("uri").to_pylist() == ["u0", "u1"]
-    assert manifest_view(None).num_rows == 0
-
-
-def test_manifest_view_prefers_the_copy_with_human_labels():
-    bare = ImageRecord("a", "folder/a.jpg", "folder", 9, 9, "h")
-    captioned = ImageRecord(
-        "a", "coco/a.jpg", "coco", 9, 9, "h", captions={"brief": Caption("x", "human")}
-    )
-    boxed = ImageRecord(
-        "a",
-        "coco2/a.jpg",
-        "coco",
-        9,
-        9,
-        "h",
-        regions=[Region((0, 0, 1, 1), "x", "object", "human")] * 2,
-    )
-    view = manifest_view(records_to_table([bare, captioned, boxed], images=[b"x"] * 3))
-    assert view.column("uri").to_pylist() == ["coco2/a.jpg"]
-    view = manifest_view(records_to_table([bare, captioned], images=[b"x"] * 2))
-    assert view.column("uri").to_pylist() == ["coco/a.jpg"]
-
-
-def test_kept_ids_by_unit_follow_the_view(store):
-    bare = ImageRecord("a", "folder/a.jpg", "folder", 9, 9, "h")
-    labelled = ImageRecord(
-        "a", "coco/a.jpg", "coco", 9, 9, "h", captions={"brief": Caption("x", "human")}
-    )
-    other = ImageRecord("b", "folder/b.jpg", "folder", 9, 9, "h")
-    store.commit_unit("u1", {"manifest": records_to_table([bare, other], images=[b"x"] * 2)})
-    store.commit_unit("u2", {"manifest": records_to_table([labelled], images=[b"x"])})
-    assert kept_image_ids_by_unit(store) == {"u1": ("b",), "u2": ("a",)}
 
 
 def test_unwritable_store_is_reported(tmp_path):

@@ -31,8 +31,9 @@ sys.path.insert(0, str(Path(__file__).parents[2]))
 
 from engine.config import AnnotateConfig, SpecialistConfig, load_config
 from engine.execution import ray_session
+from engine.manifest import manifest_view
 from engine.records import records_from_table
-from engine.store import Store, manifest_view
+from engine.store import Store
 from specialists import build_specialist
 from specialists.base import SpecialistInput
 from stages.annotate import run_annotate

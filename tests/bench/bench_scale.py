@@ -30,7 +30,7 @@ delta at each size, the ratio between the largest and smallest size (both floore
 ``--only`` takes names from the table's first column.
 
 Measured (what runs with Ray is measured up to Ray; none of these start it):
-  kept_image_ids_by_unit   engine.store.kept_image_ids_by_unit
+  kept_image_ids_by_unit   engine.manifest.kept_image_ids_by_unit
   ingest.remove_dup        stages.ingest.remove_duplicates: ingest's last step, on a
                            manifest with no copies left (it commits nothing)
   ingest.plan_rerun        stages.ingest._folder_units_before: what plan_ingest reads
@@ -299,6 +299,7 @@ def build_store(path: Path, rows: int) -> None:
     import pyarrow as pa
 
     from engine.layout import MANIFEST, QUARANTINE, round_layout
+    from engine.manifest import record_manifest_checked
     from engine.records import (
         ANNOTATION_SCHEMA,
         DROPPED_SCHEMA,
@@ -401,6 +402,8 @@ def build_store(path: Path, rows: int) -> None:
         if (number + 1) % 100 == 0:
             elapsed = time.perf_counter() - started
             print(f"  built {number + 1}/{units} units ({elapsed:.0f} s)", flush=True)
+    # As ingest's last step does: the manifest holds each image once.
+    record_manifest_checked(store)
 
 
 class _Planned(Exception):
@@ -478,8 +481,9 @@ def ensure_store(work: Path, rows: int, rebuild: bool) -> Path:
 def report_statistics(store: Any, config: Any) -> None:
     """The statistics block of stages.report.run_report, as written there."""
     from engine.layout import MANIFEST, QUARANTINE, round_layout
+    from engine.manifest import manifest_view
     from engine.records import DROPPED_SCHEMA, QUARANTINE_SCHEMA, RECORD_SCHEMA
-    from engine.store import manifest_view, records_dataset
+    from engine.store import records_dataset
     from stages import report_gallery, report_page, report_stats
     from stages.report import _read
 
@@ -512,7 +516,8 @@ def prepare(name: str, store_path: Path) -> Callable[[], Any]:
     import stages.filter
     import stages.merge
     from engine.layout import round_layout
-    from engine.store import Store, kept_image_ids_by_unit
+    from engine.manifest import kept_image_ids_by_unit
+    from engine.store import Store
     from refinement.evaluation import round_quality
     from stages.export import run_export, write_coco
     from stages.ingest import _folder_units_before, remove_duplicates
