@@ -79,32 +79,34 @@ whole records dataset into one Arrow table, and its histograms are Python lists 
 value per caption, image and box. ``round_quality`` turned every dataset of the round
 into Python records, all held at once (26 KB per image).
 
-Since then (same command, same stores):
+Since then (same command; the stores record, as ingest's last step does, that their
+manifest holds each image once):
 
   function                     20000    100000   ratio  verdict  MB/100k rows
-  kept_image_ids_by_unit        10.0      36.9    3.69  GROWS            33.7
-  ingest.remove_dup              8.5      29.1    3.42  GROWS            25.8
-  ingest.plan_rerun              1.6       7.1    4.53  GROWS             6.9
-  annotate.plan                  9.8      37.0    3.79  GROWS            34.0
-  merge.plan                     9.8      37.1    3.77  GROWS            34.0
+  kept_image_ids_by_unit         0.1       0.1    1.00  flat              0.0
+  ingest.remove_dup              8.5      29.2    3.41  GROWS            25.8
+  ingest.plan_rerun              1.6       7.1    4.49  GROWS             6.9
+  annotate.plan                  0.3       0.3    1.00  flat              0.1
+  merge.plan                     0.2       0.3    1.00  flat              0.1
   filter.plan                    0.0       0.0    1.00  flat              0.0
-  export.plan                   10.1      37.1    3.68  GROWS            33.8
-  export.write_coco             14.0      41.7    2.99  GROWS            34.6
-  report.stats                  97.5     339.3    3.48  GROWS           302.3
-  evaluation.quality             5.8       7.9    1.36  flat              2.6
+  export.plan                    0.3       0.4    1.00  flat              0.1
+  export.write_coco             11.8      35.3    3.01  GROWS            29.5
+  report.stats                  85.1     311.3    3.66  GROWS           282.8
+  evaluation.quality             6.7       8.4    1.25  flat              2.1
 
-- a manifest that ingest finished holds each image once, so ``kept_image_ids_by_unit``
-  and ``remove_duplicates`` read the id column alone (labels only when an id repeats);
-  what is left is the ids themselves, held as Python strings per unit;
+- ingest's last step records the manifest it checked (``record_manifest_checked``);
+  while the manifest is that one, ``kept_image_ids_by_unit`` reads markers alone and the
+  planners' units carry no id lists (a unit's id column is read for its fingerprint, one
+  unit at a time): annotate, merge and export plan in flat memory;
+- ``remove_duplicates`` reads the id column alone unless an id repeats;
 - ``write_coco`` streams: one pass gathers each image's uri and original id and the
-  distinct categories, then images and annotations are written unit by unit (3.7 s per
-  20k rows, was 4.2);
+  distinct categories, then images and annotations are written unit by unit;
 - ``round_quality`` reads only the truth's images, unit by unit: flat.
 
-Still O(images): the planners' id lists (units should carry none when the manifest is
-known to hold each image once), coco.json's file names and ids (its unique-tail naming
-needs every uri), and the report's statistics (to move into DuckDB over the committed
-parts).
+Still O(images): ``remove_duplicates``' id check (to become hash-partitioned tasks),
+the files a folder's committed units read (``plan_rerun``), coco.json's file names and
+ids (its unique-tail naming needs every uri), and the report's statistics (to move into
+DuckDB over the committed parts).
 """
 
 from __future__ import annotations
