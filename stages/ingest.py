@@ -140,7 +140,7 @@ def plan_ingest(inputs: list[str], store: Store, config: IngestConfig) -> Ingest
 
 def _folder_units_before(store: Store) -> tuple[set[str], list[list[str]]]:
     """The files (recorded URIs) that committed folder units have read, kept, duplicate
-    or refused; and the files of each folder unit with one of its two markers only.
+    or refused; and the files of each folder unit not committed whole.
 
     Units list their files in their markers. A file changed in place under the same
     name is therefore not read again.
@@ -157,7 +157,9 @@ def _folder_units_before(store: Store) -> tuple[set[str], list[list[str]]]:
             continue  # a damaged marker: its unit is redone when planned from the listing
         if files is None:
             continue  # a tar or COCO unit, which a rerun plans the same
-        if unit in in_manifest and unit in in_quarantine:
+        # Whole in both datasets: markers and the parts they name (a kill between a
+        # marker and its part's move leaves the marker without its part).
+        if store.unit_done(unit, (MANIFEST, QUARANTINE)):
             read_before.update(files)
         else:
             unfinished.append(files)

@@ -116,6 +116,24 @@ def test_a_unit_cut_between_its_markers_is_redone_whole(tmp_path, ray_cluster):
     assert [row["reason"] for row in store.read("quarantine").to_pylist()] == ["not an image"]
 
 
+def test_a_unit_killed_before_its_part_was_moved_is_read_again(tmp_path, ray_cluster):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for k in range(6):
+        (folder / f"{k:02d}.jpg").write_bytes(encode(photo(40, 30, seed=k)))
+    store = Store(str(tmp_path / "store"))
+    ingest(store, str(folder))
+    clean = sorted(map(str, store.read("manifest").column("uri").to_pylist()))
+    # Killed after the unit's markers, before its manifest part left _staging/: the
+    # marker lists the unit's files, but the unit is not committed.
+    unit = store.committed_units("manifest")[0]
+    store.fs.rm(store.path("manifest", store.read_marker("manifest", unit)["part"]))
+
+    again = ingest(store, str(folder))
+    assert again.units_run == 1
+    assert sorted(map(str, store.read("manifest").column("uri").to_pylist())) == clean
+
+
 def test_coco_labels_enter_as_human_annotations(tmp_path, ray_cluster):
     folder = tmp_path / "coco"
     folder.mkdir()
