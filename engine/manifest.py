@@ -65,8 +65,7 @@ def kept_image_ids_by_unit(store: Store) -> dict[str, tuple[str, ...] | None]:
     units = store.committed_units(MANIFEST)
     if not units:
         return {}
-    checked = store.read_json(CHECKED_MANIFEST)
-    if checked is not None and checked.get("manifest") == manifest_state(store, units):
+    if manifest_is_checked(store, units):
         return dict.fromkeys(units)
     ids = [store.read_unit(MANIFEST, unit, columns=["image_id"]) for unit in units]
     combined = pa.concat_tables(ids)
@@ -106,6 +105,12 @@ def manifest_state(store: Store, units: Iterable[str] | None = None) -> str:
     """A fingerprint of the manifest's committed units, from their markers."""
     units = store.committed_units(MANIFEST) if units is None else units
     return fingerprint({unit: store.marker_fingerprint(MANIFEST, unit) for unit in units})
+
+
+def manifest_is_checked(store: Store, units: Iterable[str] | None = None) -> bool:
+    """Whether the manifest is the one ingest last found to hold each image once."""
+    checked = store.read_json(CHECKED_MANIFEST)
+    return checked is not None and checked.get("manifest") == manifest_state(store, units)
 
 
 def record_manifest_checked(store: Store) -> None:

@@ -270,6 +270,16 @@ class Store:
         names = [posixpath.basename(p) for p in self.fs.ls(marker_dir, detail=False)]
         return sorted(n[: -len(".json")] for n in names if n.endswith(".json"))
 
+    def part_paths(self, dataset: str) -> list[str]:
+        """URLs of a dataset's committed parts in unit order, for a reader of its own
+        (DuckDB); ``StoreError`` naming a damaged unit, as ``read`` does."""
+        paths = []
+        for unit in self.committed_units(dataset):
+            marker = self.read_marker(dataset, unit)
+            self._check_part(dataset, unit, marker)
+            paths.append(self._url(self._marked_part(dataset, marker)))
+        return paths
+
     def committed_rows(self, dataset: str) -> int:
         """Rows of a dataset's committed parts, from their markers: no Parquet is read.
         A damaged unit counts none, as for any reader of the dataset's folder."""

@@ -29,7 +29,7 @@ import yaml
 
 from engine.config import EngineConfig
 from engine.layout import MANIFEST, QUARANTINE, round_layout
-from engine.manifest import manifest_view
+from engine.manifest import manifest_is_checked, manifest_view
 from engine.records import DROPPED_SCHEMA, QUARANTINE_SCHEMA, RECORD_SCHEMA
 from engine.round_state import RoundState, config_digest, read_round_state
 from engine.store import Store, records_dataset
@@ -46,6 +46,19 @@ DROPPED_SIDE = 320
 def _read(store: Store, dataset: str, schema: pa.Schema, columns: list[str]) -> pa.Table:
     table = store.read(dataset, columns=columns)
     return table if table is not None else schema.empty_table().select(columns)
+
+
+def _records(store: Store, dataset: str) -> tuple[pa.Table | list[str], int | None]:
+    """What the report reads, and how many rows when it read them here: the committed
+    parts themselves, which DuckDB reads column by column, so the driver never holds the
+    dataset; for a manifest that may still hold two copies of an image (ingest stopped
+    before its last step), its one-copy view."""
+    if dataset != MANIFEST or manifest_is_checked(store):
+        paths = store.part_paths(dataset)
+        if paths:
+            return paths, None
+    read = _read(store, dataset, RECORD_SCHEMA, RECORD_SCHEMA.names)
+    return (manifest_view(read) if dataset == MANIFEST else read), read.num_rows
 
 
 def quality_table(store: Store, round_number: int) -> report_stats.StatTable | None:
@@ -110,15 +123,17 @@ def run_report(store: Store, config: EngineConfig, round_number: int) -> StageSu
     layout = round_layout(round_number)
     base = layout.report
     dataset = records_dataset(store, round_number)
-    read = _read(store, dataset, RECORD_SCHEMA, RECORD_SCHEMA.names)
-    records = manifest_view(read) if dataset == MANIFEST else read
+    records, rows_read = _records(store, dataset)
     quarantine = _read(store, QUARANTINE, QUARANTINE_SCHEMA, ["item", "reason"])
     dropped = report_stats.dropped_counts(
         _read(store, layout.dropped, DROPPED_SCHEMA, report_stats.DROPPED_COUNT_COLUMNS)
     )
     state = read_round_state(store, round_number)
 
-    with report_stats.connect(records) as con:
+    with report_stats.connect(records, store.fs) as con:
+        counts = con.sql("SELECT count(*), count(DISTINCT image_id) FROM records")
+        [(rows, reported)] = counts.fetchall()
+        rows_read = rows if rows_read is None else rows_read
         parsed = report_stats.parse_missing_stats(con, config.report.spacy_model)
         # In the CLI's unit: images for image: reasons, annotations for the others.
         by_reason = report_stats.reason_table(
@@ -135,7 +150,7 @@ def run_report(store: Store, config: EngineConfig, round_number: int) -> StageSu
         ]
         tokens = report_stats.caption_tokens(con)
         regions = report_stats.regions_per_image(con)
-        sizes = report_stats.relative_box_sizes(con)
+        sizes = report_stats.relative_box_sizes(con, len(report_page.UNIT_BINS) - 1)
         histograms = {
             "caption_tokens": ("Caption length", "words per caption", tokens,
                                report_page.integer_bins(tokens)),
@@ -145,6 +160,7 @@ def run_report(store: Store, config: EngineConfig, round_number: int) -> StageSu
                           report_page.UNIT_BINS),
         }  # fmt: skip
         chosen = report_gallery.choose(con, config.report.gallery_size)
+        examples_of = report_gallery.records_for(con, chosen)
     # The page leads with the round's quality, then every round so far.
     quality = quality_table(store, round_number)
     leading = [quality] if quality is not None else []
@@ -172,7 +188,7 @@ def run_report(store: Store, config: EngineConfig, round_number: int) -> StageSu
         store, [*chosen, *(record.image_id for _, record in examples)]
     )
     gallery = []
-    for record in report_gallery.records_for(records, chosen):
+    for record in examples_of:
         if record.image_id in images:
             src = f"gallery/{record.image_id}.jpg"
             store.write_bytes(f"{base}/{src}", report_gallery.draw(record, images[record.image_id]))
@@ -189,14 +205,14 @@ def run_report(store: Store, config: EngineConfig, round_number: int) -> StageSu
     title = f"FLD data engine report, round {round_number}"
     facts = [
         f"store: {store.url}",
-        f"records: {dataset} ({records.num_rows} images; {read.num_rows} rows read)",
+        f"records: {dataset} ({reported} images; {rows_read} rows read)",
         f"captions parsed with spaCy pipeline {config.report.spacy_model!r} for this report: "
         f"{parsed}",
     ]
     stats = {
         "round": round_number,
         "dataset": dataset,
-        "records": records.num_rows,
+        "records": reported,
         "config": round_config(config, state),
         "tables": {table.name: table.as_json() for table in tables},
     }
@@ -209,14 +225,14 @@ def run_report(store: Store, config: EngineConfig, round_number: int) -> StageSu
         gallery,
         dropped_items,
         config_text(config, state),
-        empty=records.num_rows == 0,
+        empty=reported == 0,
     )
     store.write_bytes(f"{base}/index.html", page.encode())
 
     return StageSummary(
         stage="report",
-        inputs=read.num_rows,
-        outputs=records.num_rows,
+        inputs=rows_read,
+        outputs=reported,
         seconds=time.perf_counter() - started,
         location=store.fs.unstrip_protocol(store.path(f"{base}/index.html")),
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from html import escape
 from typing import Any
@@ -75,9 +75,9 @@ def file_name(uri: str) -> str:
     return path.rstrip("/").rsplit("/", 1)[-1] or uri
 
 
-def integer_bins(series: dict[str, Sequence[float]]) -> list[float]:
+def integer_bins(series: dict[str, Mapping[float, int]]) -> list[float]:
     """Bins for counts: one unit wide and centred on the integers, widened to keep ``MAX_BINS``."""
-    top = int(max((v for values in series.values() for v in values), default=0))
+    top = int(max((v for counts in series.values() for v in counts), default=0))
     step = max(1, math.ceil((top + 1) / MAX_BINS))
     return [k - 0.5 for k in range(0, top + step + 1, step)]
 
@@ -87,16 +87,22 @@ UNIT_BINS = [k / 25 for k in range(26)]
 
 
 def histogram_png(
-    title: str, xlabel: str, series: dict[str, Sequence[float]], bins: Sequence[float]
+    title: str, xlabel: str, series: dict[str, Mapping[float, int]], bins: Sequence[float]
 ) -> bytes:
-    """Overlaid step histograms over the bin edges ``bins``, one per named series, as PNG."""
+    """Overlaid step histograms over the bin edges ``bins``, one per named series of
+    counts (value -> how many), as PNG."""
     figure = Figure(figsize=(5.5, 3.4), dpi=100, layout="tight")
     FigureCanvasAgg(figure)
     axes = figure.subplots()
-    for name, values in series.items():
-        if len(values) > 0:
+    for name, counts in series.items():
+        if counts:
             axes.hist(
-                values, bins=bins, histtype="step", linewidth=1.6, label=f"{name} ({len(values)})"
+                list(counts),
+                bins=bins,
+                weights=list(counts.values()),
+                histtype="step",
+                linewidth=1.6,
+                label=f"{name} ({sum(counts.values())})",
             )
     axes.set_title(title)
     axes.set_xlabel(xlabel)

@@ -1,8 +1,10 @@
 """The report's numbers, computed with DuckDB over a round's records.
 
-``connect`` registers the records (Arrow, in the layout of ``engine.records``) in a
-DuckDB connection and lays them out long: one row per caption, per region, per grounded
-phrase. Each table function below is then one or two SQL queries over those views.
+``connect`` gives a DuckDB connection the records (in the layout of ``engine.records``):
+the committed Parquet parts themselves, which DuckDB reads column by column as each
+query needs them, or an Arrow table. It lays them out long: one row per caption, per
+region, per grounded phrase. Each table function below is then one or two SQL queries
+over those views.
 
 Tokens are whitespace-separated words throughout. The paper does not name the tokenizer
 behind its "#Avg Tokens"; words keep the figures independent of any model's vocabulary
@@ -12,10 +14,12 @@ and close to what a reader counts by eye.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import duckdb
+import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -74,10 +78,23 @@ _CAPTIONS_VIEW = " UNION ALL ".join(
 )
 
 
-def connect(records: pa.Table) -> duckdb.DuckDBPyConnection:
-    """A connection holding ``records`` and its long views: captions, regions, phrases."""
+def connect(
+    records: pa.Table | Sequence[str], filesystem: fsspec.AbstractFileSystem | None = None
+) -> duckdb.DuckDBPyConnection:
+    """A connection holding ``records`` (a table, or the URLs of Parquet parts, read
+    through ``filesystem`` where DuckDB cannot read them itself) and its long views:
+    captions, regions, phrases."""
     con = duckdb.connect()
-    con.register("records", records)
+    if isinstance(records, pa.Table):
+        con.register("records", records)
+    else:
+        if filesystem is not None and not _reads_natively(filesystem):
+            con.register_filesystem(filesystem)
+        # Parts written before a column or a struct field was added lack it: read by name.
+        paths = ", ".join("'" + path.replace("'", "''") + "'" for path in records)
+        con.execute(
+            f"CREATE VIEW records AS SELECT * FROM read_parquet([{paths}], union_by_name = true)"
+        )
     con.execute(
         r"CREATE MACRO ntokens(t) AS "
         r"CASE WHEN trim(t) = '' THEN 0 ELSE len(string_split_regex(trim(t), '\s+')) END"
@@ -88,6 +105,11 @@ def connect(records: pa.Table) -> duckdb.DuckDBPyConnection:
     )
     con.execute("CREATE VIEW phrases AS SELECT image_id, unnest(phrases) AS p FROM records")
     return con
+
+
+def _reads_natively(filesystem: fsspec.AbstractFileSystem) -> bool:
+    protocols = filesystem.protocol
+    return bool({"file", "local"} & set([protocols] if isinstance(protocols, str) else protocols))
 
 
 def _by_kind(con: duckdb.DuckDBPyConnection, sql: str) -> dict[str, tuple[Any, ...]]:
@@ -320,38 +342,59 @@ def dropped_counts(dropped: pa.Table) -> pa.Table:
 # ---------------------------------------------------------------- histogram data
 
 
-def caption_tokens(con: duckdb.DuckDBPyConnection) -> dict[str, list[int]]:
+# Each series is a histogram's data as counts of values (value -> how many), computed in
+# DuckDB: the driver holds a count per distinct value, never a value per caption or box.
+Counts = dict[float, int]
+
+
+def caption_tokens(con: duckdb.DuckDBPyConnection) -> dict[str, Counts]:
     """Words per caption, by caption kind."""
-    rows = con.sql("SELECT kind, list(ntokens(text)) FROM captions GROUP BY kind").fetchall()
-    return {kind: values for kind, values in rows}
+    rows = con.sql(
+        "SELECT kind, ntokens(text) AS n, count(*) FROM captions GROUP BY ALL ORDER BY ALL"
+    ).fetchall()
+    return _series(rows)
 
 
-def regions_per_image(con: duckdb.DuckDBPyConnection) -> dict[str, list[int]]:
+def regions_per_image(con: duckdb.DuckDBPyConnection) -> dict[str, Counts]:
     """Regions per image by region kind (images without any count as 0), and all kinds."""
-    counts = ", ".join(
-        f"list(len(list_filter(coalesce(regions, []), lambda x: x.kind = '{kind}')))"
+    kinds = [("all", "len(coalesce(regions, []))")] + [
+        (kind, f"len(list_filter(coalesce(regions, []), lambda x: x.kind = '{kind}'))")
         for kind in REGION_KINDS
+    ]
+    query = " UNION ALL ".join(
+        f"SELECT '{name}' AS kind, {count} AS n, count(*) FROM records GROUP BY ALL"
+        for name, count in kinds
     )
-    [row] = con.sql(f"SELECT list(len(coalesce(regions, []))), {counts} FROM records").fetchall()
-    if row[0] is None:  # no records
-        return {}
-    return dict(zip(("all", *REGION_KINDS), row, strict=True))
+    rows = con.sql(f"SELECT * FROM ({query}) ORDER BY ALL").fetchall()
+    return {name: counts for name, counts in _series(rows).items() if counts}
 
 
-def relative_box_sizes(con: duckdb.DuckDBPyConnection) -> dict[str, list[float]]:
-    """sqrt(box area / image area) per region, by kind: a side length as a fraction of the image.
+def relative_box_sizes(con: duckdb.DuckDBPyConnection, bins: int) -> dict[str, Counts]:
+    """sqrt(box area / image area) per region, by kind, counted in ``bins`` equal bins
+    of [0, 1] (each value the centre of its bin): a side length as a fraction of the
+    image.
 
     The square root puts a box that is a tenth of the image's width and height at 0.1
     rather than 0.01, which spreads the many small boxes over the histogram. Boxes that
     reach past the image count as 1.
     """
     rows = con.sql(
-        """
-        SELECT r.kind,
-               list(least(1, sqrt(greatest(r.box[3] - r.box[1], 0)
-                                  * greatest(r.box[4] - r.box[2], 0) / (width * height))))
-        FROM regions WHERE width > 0 AND height > 0 AND isfinite(list_sum(r.box))
-        GROUP BY r.kind
+        f"""
+        SELECT kind, (least(floor(size * {bins}), {bins} - 1) + 0.5) / {bins}, count(*)
+        FROM (
+            SELECT r.kind AS kind,
+                   least(1, sqrt(greatest(r.box[3] - r.box[1], 0)
+                                 * greatest(r.box[4] - r.box[2], 0) / (width * height))) AS size
+            FROM regions WHERE width > 0 AND height > 0 AND isfinite(list_sum(r.box))
+        )
+        GROUP BY ALL ORDER BY ALL
         """
     ).fetchall()
-    return {kind: values for kind, values in rows}
+    return _series(rows)
+
+
+def _series(rows: list[tuple[str, float, int]]) -> dict[str, Counts]:
+    series: dict[str, Counts] = {}
+    for name, value, count in rows:
+        series.setdefault(name, {})[value] = count
+    return series
