@@ -144,12 +144,12 @@ class SpecialistActor:
         rows = []
         for index, record in enumerate(prepared.records):
             found, error = results[index]
-            rows.append((self._stamp(record, found or Annotations()), error))
+            annotations = found or Annotations()
+            stamped = stamp(record, annotations, self.specialist.source, self.round_number)
+            rows.append((stamped, error))
             if error is not None:
                 summary.dropped[f"model failed: {error.partition(':')[0]}"] += 1
-        self.store.commit_unit(
-            prepared.unit, {self.dataset: _annotation_table(rows)}, inputs=inputs
-        )
+        self.store.commit_unit(prepared.unit, {self.dataset: annotation_table(rows)}, inputs=inputs)
         summary.outputs = sum(1 for _, error in rows if error is None)
         return summary
 
@@ -165,19 +165,6 @@ class SpecialistActor:
             name = type(self.specialist).__name__
             raise RuntimeError(f"{name} returned {len(out)} for {len(batch)}")
         return out
-
-    def _stamp(self, record: ImageRecord, annotations: Annotations) -> ImageRecord:
-        """The specialist's output as a record of its own, every annotation with lineage."""
-        source = self.specialist.source
-        for part in (*annotations.captions.values(), *annotations.regions, *annotations.phrases):
-            part.source = part.source or source
-            part.round = self.round_number
-        return replace(
-            record,
-            captions=annotations.captions,
-            regions=annotations.regions,
-            phrases=annotations.phrases,
-        )
 
 
 def _inputs(prepared: PreparedUnit, indices: Sequence[int]) -> list[SpecialistInput]:
@@ -242,7 +229,23 @@ def _free_accelerator_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _annotation_table(rows: list[tuple[ImageRecord, str | None]]) -> pa.Table:
+def stamp(
+    record: ImageRecord, annotations: Annotations, source: str, round_number: int
+) -> ImageRecord:
+    """A specialist's output for ``record`` as a record of its own, every annotation with
+    its lineage: the specialist's ``source`` (unless it set one) and the round."""
+    for part in (*annotations.captions.values(), *annotations.regions, *annotations.phrases):
+        part.source = part.source or source
+        part.round = round_number
+    return replace(
+        record,
+        captions=annotations.captions,
+        regions=annotations.regions,
+        phrases=annotations.phrases,
+    )
+
+
+def annotation_table(rows: list[tuple[ImageRecord, str | None]]) -> pa.Table:
     table = records_to_table([record for record, _ in rows])
     errors = [error for _, error in rows]
     return table.append_column(ANNOTATION_SCHEMA.field("error"), pa.array(errors, pa.string()))
