@@ -299,8 +299,7 @@ def write_coco(
                 out.write(("," if annotations > 1 else "") + json.dumps(annotation))
         listed = [{"id": i, "name": label} for i, label in categories.items()]
         out.write(f'], "categories": {json.dumps(listed)}}}')
-    store.fs.makedirs(store.path(folder), exist_ok=True)
-    store.fs.mv(staged, store.path(relpath))
+    store.publish(folder, [name])
 
 
 def _object_records(store: Store, dataset: str, units: list[ExportUnit]) -> Iterator[ImageRecord]:

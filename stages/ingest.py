@@ -37,7 +37,7 @@ from fsspec.implementations.local import LocalFileSystem
 from engine.config import EngineConfig, IngestConfig
 from engine.execution import run_units
 from engine.layout import MANIFEST, QUARANTINE
-from engine.manifest import kept_rows, record_manifest_checked
+from engine.manifest import kept_rows, manifest_is_checked, record_manifest_checked
 from engine.records import (
     ImageRecord,
     QuarantineEntry,
@@ -261,6 +261,8 @@ def remove_duplicates(store: Store) -> int:
     out (``Store.commit_unit``): a committed manifest holds each image once, for every
     reader of its folder. Idempotent: a rerun finds nothing left to list or take out.
     """
+    if manifest_is_checked(store):  # no unit committed since the last check
+        return 0
     units = store.committed_units(MANIFEST)
     ids = pa.concat_tables(
         [store.read_unit(MANIFEST, unit, columns=["image_id"]) for unit in units]

@@ -99,13 +99,19 @@ def count_all(folder: Path, committed_rows: int) -> None:
         print(f"  {name:45s} {rows}")
 
 
+def timed(commit: Callable[[int, pa.Table], object], units: list[pa.Table]) -> list[float]:
+    """Seconds of each ``commit(number, table)`` of a unit, in order."""
+    times = []
+    for number, table in enumerate(units):
+        started = time.perf_counter()
+        commit(number, table)
+        times.append(time.perf_counter() - started)
+    return times
+
+
 def engine_store(work: Path, units: list[pa.Table]) -> list[float]:
     store = Store(str(work / "store"))
-    times = []
-    for unit, table in enumerate(units):
-        started = time.perf_counter()
-        store.commit_unit(f"u{unit}", {"ds": table})
-        times.append(time.perf_counter() - started)
+    times = timed(lambda number, table: store.commit_unit(f"u{number}", {"ds": table}), units)
     # Killed between its marker and its move: the part is staged, the marker names it.
     killed = unit_table(len(units), units[0].num_rows)
     real_publish = store.publish
@@ -121,11 +127,7 @@ def delta_table(work: Path, units: list[pa.Table]) -> list[float]:
     import deltalake
 
     folder = work / "delta"
-    times = []
-    for table in units:
-        started = time.perf_counter()
-        deltalake.write_deltalake(folder, table, mode="append")
-        times.append(time.perf_counter() - started)
+    times = timed(lambda _, table: deltalake.write_deltalake(folder, table, mode="append"), units)
     # A writer killed after its data file, before its log entry.
     import pyarrow.parquet as pq
 
@@ -140,11 +142,7 @@ def lance_dataset(work: Path, units: list[pa.Table]) -> list[float]:
     import lance
 
     folder = work / "lance"
-    times = []
-    for table in units:
-        started = time.perf_counter()
-        lance.write_dataset(table, folder, mode="append")
-        times.append(time.perf_counter() - started)
+    times = timed(lambda _, table: lance.write_dataset(table, folder, mode="append"), units)
     print("\nlance dataset:")
     count_all(folder, lance.dataset(folder).count_rows())
     return times
