@@ -30,7 +30,7 @@ import yaml
 from engine.config import EngineConfig
 from engine.layout import MANIFEST, QUARANTINE, round_layout
 from engine.manifest import manifest_is_checked, manifest_view
-from engine.records import DROPPED_SCHEMA, QUARANTINE_SCHEMA, RECORD_SCHEMA
+from engine.records import RECORD_SCHEMA
 from engine.round_state import RoundState, config_digest, read_round_state
 from engine.store import Store, records_dataset
 from engine.summary import StageSummary
@@ -124,43 +124,36 @@ def run_report(store: Store, config: EngineConfig, round_number: int) -> StageSu
     base = layout.report
     dataset = records_dataset(store, round_number)
     records, rows_read = _records(store, dataset)
-    quarantine = _read(store, QUARANTINE, QUARANTINE_SCHEMA, ["item", "reason"])
-    dropped = report_stats.dropped_counts(
-        _read(store, layout.dropped, DROPPED_SCHEMA, report_stats.DROPPED_COUNT_COLUMNS)
-    )
     state = read_round_state(store, round_number)
 
-    with report_stats.connect(records, store.fs) as con:
-        counts = con.sql("SELECT count(*), count(DISTINCT image_id) FROM records")
-        [(rows, reported)] = counts.fetchall()
-        rows_read = rows if rows_read is None else rows_read
-        parsed = report_stats.parse_missing_stats(con, config.report.spacy_model)
-        # In the CLI's unit: images for image: reasons, annotations for the others.
-        by_reason = report_stats.reason_table(
-            con, dropped, "dropped", "Dropped by reason (images or annotations)"
-        )
-        tables = [
-            report_stats.annotation_table(con),
-            report_stats.text_table(con),
-            report_stats.source_table(con),
-            report_stats.reason_table(
-                con, quarantine, "quarantine", "Quarantined inputs by reason"
-            ),
-            by_reason,
-        ]
-        tokens = report_stats.caption_tokens(con)
-        regions = report_stats.regions_per_image(con)
-        sizes = report_stats.relative_box_sizes(con, len(report_page.UNIT_BINS) - 1)
-        histograms = {
-            "caption_tokens": ("Caption length", "words per caption", tokens,
-                               report_page.integer_bins(tokens)),
-            "regions_per_image": ("Regions per image", "regions", regions,
-                                  report_page.integer_bins(regions)),
-            "box_sizes": ("Box size relative to the image", "sqrt(box area / image area)", sizes,
-                          report_page.UNIT_BINS),
-        }  # fmt: skip
-        chosen = report_gallery.choose(con, config.report.gallery_size)
-        examples_of = report_gallery.records_for(con, chosen)
+    found = report_stats.record_stats(
+        records,
+        store.fs,
+        config.report.spacy_model,
+        len(report_page.UNIT_BINS) - 1,
+        config.report.gallery_size,
+    )
+    rows_read = found.rows if rows_read is None else rows_read
+    reported, parsed = found.images, found.parsed
+    # In the CLI's unit: images for image: reasons, annotations for the others.
+    by_reason = report_stats.reason_table(
+        store.part_paths(layout.dropped),
+        store.fs,
+        "dropped",
+        "Dropped by reason (images or annotations)",
+    )
+    quarantined = report_stats.reason_table(
+        store.part_paths(QUARANTINE), store.fs, "quarantine", "Quarantined inputs by reason"
+    )
+    tables = [*found.tables, quarantined, by_reason]
+    histograms = {
+        "caption_tokens": ("Caption length", "words per caption", found.caption_tokens,
+                           report_page.integer_bins(found.caption_tokens)),
+        "regions_per_image": ("Regions per image", "regions", found.regions_per_image,
+                              report_page.integer_bins(found.regions_per_image)),
+        "box_sizes": ("Box size relative to the image", "sqrt(box area / image area)",
+                      found.box_sizes, report_page.UNIT_BINS),
+    }  # fmt: skip
     # The page leads with the round's quality, then every round so far.
     quality = quality_table(store, round_number)
     leading = [quality] if quality is not None else []
@@ -185,10 +178,10 @@ def run_report(store: Store, config: EngineConfig, round_number: int) -> StageSu
     examples = report_gallery.dropped_examples(store, layout.dropped, reasons)
     # One pass over the manifest for the gallery's and the dropped examples' images.
     images = report_gallery.manifest_images(
-        store, [*chosen, *(record.image_id for _, record in examples)]
+        store, [*(r.image_id for r in found.gallery), *(r.image_id for _, r in examples)]
     )
     gallery = []
-    for record in examples_of:
+    for record in found.gallery:
         if record.image_id in images:
             src = f"gallery/{record.image_id}.jpg"
             store.write_bytes(f"{base}/{src}", report_gallery.draw(record, images[record.image_id]))

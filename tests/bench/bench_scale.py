@@ -488,32 +488,20 @@ def ensure_store(work: Path, rows: int, rebuild: bool) -> Path:
 def report_statistics(store: Any, config: Any) -> None:
     """The statistics block of stages.report.run_report, as written there."""
     from engine.layout import QUARANTINE, round_layout
-    from engine.records import DROPPED_SCHEMA, QUARANTINE_SCHEMA
     from engine.store import records_dataset
-    from stages import report_gallery, report_page, report_stats
-    from stages.report import _read, _records
+    from stages import report_page, report_stats
+    from stages.report import _records
 
-    layout = round_layout(0)
-    dataset = records_dataset(store, 0)
-    records, _ = _records(store, dataset)
-    quarantine = _read(store, QUARANTINE, QUARANTINE_SCHEMA, ["item", "reason"])
-    dropped = report_stats.dropped_counts(
-        _read(store, layout.dropped, DROPPED_SCHEMA, report_stats.DROPPED_COUNT_COLUMNS)
+    records, _ = _records(store, records_dataset(store, 0))
+    report_stats.record_stats(
+        records,
+        store.fs,
+        config.report.spacy_model,
+        len(report_page.UNIT_BINS) - 1,
+        config.report.gallery_size,
     )
-    with report_stats.connect(records, store.fs) as con:
-        con.sql("SELECT count(*), count(DISTINCT image_id) FROM records").fetchall()
-        report_stats.parse_missing_stats(con, config.report.spacy_model)
-        report_stats.reason_table(con, dropped, "dropped", "Dropped by reason")
-        report_stats.annotation_table(con)
-        report_stats.text_table(con)
-        report_stats.source_table(con)
-        report_stats.reason_table(con, quarantine, "quarantine", "Quarantined inputs")
-        tokens = report_stats.caption_tokens(con)
-        regions = report_stats.regions_per_image(con)
-        report_stats.relative_box_sizes(con, len(report_page.UNIT_BINS) - 1)
-        report_page.integer_bins(tokens)
-        report_page.integer_bins(regions)
-        report_gallery.records_for(con, report_gallery.choose(con, config.report.gallery_size))
+    for dataset, name in ((round_layout(0).dropped, "dropped"), (QUARANTINE, "quarantine")):
+        report_stats.reason_table(store.part_paths(dataset), store.fs, name, name)
 
 
 def prepare(name: str, store_path: Path) -> Callable[[], Any]:
