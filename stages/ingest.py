@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 from fsspec.implementations.local import LocalFileSystem
 
 from engine.config import EngineConfig, IngestConfig
+from engine.duck import bounded_connection, part_batches, view_parts
 from engine.execution import run_units
 from engine.layout import MANIFEST, QUARANTINE
 from engine.manifest import kept_rows, manifest_is_checked, record_manifest_checked
@@ -264,43 +265,81 @@ def remove_duplicates(store: Store) -> int:
     if manifest_is_checked(store):  # no unit committed since the last check
         return 0
     units = store.committed_units(MANIFEST)
-    ids = pa.concat_tables(
-        [store.read_unit(MANIFEST, unit, columns=["image_id"]) for unit in units]
-        or [pa.table({"image_id": pa.array([], pa.string())})]
-    ).column("image_id")
-    if pc.count_distinct(ids).as_py() == len(ids):  # each image once: the usual answer
+    copies = _rows_of_repeated_ids(store, units)
+    if copies.num_rows == 0:  # each image once: the usual answer
         record_manifest_checked(store)
         return 0
-    columns = ["image_id", "uri", "sha256", "regions", "captions"]
-    tables = [store.read_unit(MANIFEST, unit, columns=columns) for unit in units]
-    owner = [unit for unit, table in zip(units, tables, strict=True) for _ in range(table.num_rows)]
-    manifest = pa.concat_tables(tables)
-    kept = set(kept_rows(manifest))
-    rows = manifest.select(["image_id", "uri", "sha256"]).to_pylist()
+    rows = copies.select(["image_id", "uri", "sha256", "unit"]).to_pylist()
+    kept = set(kept_rows(copies))
     kept_uri = {rows[k]["image_id"]: rows[k]["uri"] for k in kept}
-    copies = [index for index in range(len(rows)) if index not in kept]
+    taken_out = [row for index, row in enumerate(rows) if index not in kept]
     duplicates = [
         QuarantineEntry(
-            uri=rows[index]["uri"],
+            uri=row["uri"],
             source="ingest",
             reason="duplicate image",
-            detail=f"same content as {kept_uri[rows[index]['image_id']]}",
-            sha256=rows[index]["sha256"],
+            detail=f"same content as {kept_uri[row['image_id']]}",
+            sha256=row["sha256"],
         )
-        for index in copies
+        for row in taken_out
     ]
-    quarantine = store.read(QUARANTINE, columns=["uri", "reason"])
-    listed = set()
-    if quarantine is not None:
-        listed = {(r["uri"], r["reason"]) for r in quarantine.to_pylist()}
-    new = [d for d in duplicates if (d.uri, d.reason) not in listed]
+    listed = _quarantined(store, [d.uri for d in duplicates], "duplicate image")
+    new = [d for d in duplicates if d.uri not in listed]
     if new:
         key = _key("duplicates", *sorted(d.uri for d in new))
         store.commit_unit(key, {QUARANTINE: quarantine_to_table(new)})
-    for unit in sorted({owner[index] for index in copies}):
-        _commit_without(store, unit, {rows[i]["uri"] for i in copies if owner[i] == unit})
+    for unit in sorted({row["unit"] for row in taken_out}):
+        _commit_without(store, unit, {row["uri"] for row in taken_out if row["unit"] == unit})
     record_manifest_checked(store)
     return len(new)
+
+
+def _rows_of_repeated_ids(store: Store, units: list[str]) -> pa.Table:
+    """Every manifest row whose image id another row has too, in unit order, with what
+    ``kept_rows`` needs and the unit it is in.
+
+    The parts' id columns go, a batch of parts at a time, into a DuckDB table on local
+    disk, whose grouping finds the repeated ids in bounded memory (it spills); then only
+    the units holding a copy are read, for their copies' rows. The driver never holds
+    the manifest's ids."""
+    paths = store.part_paths(MANIFEST)
+    # Parts are named uniquely within their folder; DuckDB reports a path without its
+    # scheme, so parts are matched to their units by file name.
+    unit_of = {posixpath.basename(path): unit for path, unit in zip(paths, units, strict=True)}
+    with bounded_connection("ids.duckdb") as con:
+        con.execute("CREATE TABLE ids (image_id VARCHAR, part VARCHAR)")
+        for batch in part_batches(paths):
+            view_parts(con, "batch", batch, store.fs, "filename = true")
+            con.execute("INSERT INTO ids SELECT image_id, parse_filename(filename) FROM batch")
+        repeated = con.execute(
+            "SELECT image_id, list(DISTINCT part) FROM ids GROUP BY image_id HAVING count(*) > 1"
+        ).fetchall()
+    ids = pa.array([image_id for image_id, _ in repeated], pa.string())
+    holders = {unit_of[part] for _, parts in repeated for part in parts}
+    columns = ["image_id", "uri", "sha256", "regions", "captions"]
+    tables = []
+    for unit in (u for u in units if u in holders):
+        table = store.read_unit(MANIFEST, unit, columns=columns)
+        table = table.filter(pc.is_in(table.column("image_id"), value_set=ids))
+        tables.append(table.append_column("unit", pa.array([unit] * table.num_rows, pa.string())))
+    if not tables:
+        return pa.table({"unit": pa.array([], pa.string())})
+    return pa.concat_tables(tables)
+
+
+def _quarantined(store: Store, uris: list[str], reason: str) -> set[str]:
+    """Those of ``uris`` the quarantine already lists for ``reason``."""
+    paths = store.part_paths(QUARANTINE)
+    if not paths or not uris:
+        return set()
+    with bounded_connection() as con:
+        view_parts(con, "quarantine", paths, store.fs)
+        con.register("wanted", pa.table({"uri": uris}))
+        found = con.execute(
+            "SELECT DISTINCT uri FROM quarantine JOIN wanted USING (uri) WHERE reason = ?",
+            [reason],
+        ).fetchall()
+    return {uri for (uri,) in found}
 
 
 def _commit_without(store: Store, unit: str, uris: set[str]) -> None:

@@ -3,10 +3,11 @@
 ``connect`` gives a DuckDB connection the records (in the layout of ``engine.records``):
 Parquet parts, which DuckDB reads column by column as each query needs them, or an
 Arrow table. It lays them out long: one row per caption, per region, per grounded
-phrase. ``record_stats`` runs every query on ``BATCH_PARTS`` committed parts at a time
-and adds the results up: each query returns counts and sums, never averages, and a
-dataset's units hold disjoint images, so the totals are those of one query over all of
-it while the driver holds one batch's working set, however large the dataset.
+phrase. ``record_stats`` runs every query on a batch of committed parts at a time
+(``engine.duck.PARTS_PER_READ``) and adds the results up: each query returns counts and
+sums, never averages, and a dataset's units hold disjoint images, so the totals are
+those of one query over all of it while the driver holds one batch's working set,
+however large the dataset.
 
 Tokens are whitespace-separated words throughout. The paper does not name the tokenizer
 behind its "#Avg Tokens"; words keep the figures independent of any model's vocabulary
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,13 +26,10 @@ import duckdb
 import fsspec
 import pyarrow as pa
 
+from engine.duck import part_batches, view_parts
 from engine.records import CAPTION_KINDS, REGION_KINDS, TEXT_STATS_TYPE, ImageRecord
 from filters.text import load_pipeline, text_stats
 from stages.report_gallery import records_for
-
-# Committed parts per DuckDB pass: the driver's memory is set by this, not by the size
-# of the dataset.
-BATCH_PARTS = 64
 
 # FLD-5B figures published with Florence-2 (arXiv 2311.06242, Tables 2 and 3), as collected
 # in FLD_REFERENCE.md §1. Figures the reference does not give are left out, not guessed.
@@ -95,7 +93,7 @@ def connect(
     if isinstance(records, pa.Table):
         con.register("records", records)
     else:
-        _read_parts(con, "records", records, filesystem)
+        view_parts(con, "records", records, filesystem)
     con.execute(
         r"CREATE MACRO ntokens(t) AS "
         r"CASE WHEN trim(t) = '' THEN 0 ELSE len(string_split_regex(trim(t), '\s+')) END"
@@ -106,33 +104,6 @@ def connect(
     )
     con.execute("CREATE VIEW phrases AS SELECT image_id, unnest(phrases) AS p FROM records")
     return con
-
-
-def _read_parts(
-    con: duckdb.DuckDBPyConnection,
-    name: str,
-    paths: Sequence[str],
-    filesystem: fsspec.AbstractFileSystem | None,
-) -> None:
-    """A view ``name`` over the Parquet files ``paths`` (read through ``filesystem``
-    where DuckDB cannot read them itself)."""
-    if filesystem is not None and not _reads_natively(filesystem):
-        con.register_filesystem(filesystem)
-    # Parts written before a column or a struct field was added lack it: read by name.
-    listed = ", ".join("'" + path.replace("'", "''") + "'" for path in paths)
-    con.execute(
-        f"CREATE VIEW {name} AS SELECT * FROM read_parquet([{listed}], union_by_name = true)"
-    )
-
-
-def _batches(paths: Sequence[str]) -> Iterator[Sequence[str]]:
-    for start in range(0, len(paths), BATCH_PARTS):
-        yield paths[start : start + BATCH_PARTS]
-
-
-def _reads_natively(filesystem: fsspec.AbstractFileSystem) -> bool:
-    protocols = filesystem.protocol
-    return bool({"file", "local"} & set([protocols] if isinstance(protocols, str) else protocols))
 
 
 Sums = dict[Any, list[float]]
@@ -378,13 +349,13 @@ def reason_table(
     title: str,
 ) -> StatTable:
     """Counts by reason of a refused dataset's committed ``parts`` (``name``: a key of
-    ``REFUSAL_SUMS``), largest first, read ``BATCH_PARTS`` parts at a time."""
+    ``REFUSAL_SUMS``), largest first, read a batch of parts at a time."""
     sums: Sums = {}
     query = REFUSAL_SUMS[name]
     keys = 2 if name == "quarantine" else 1
-    for batch in _batches(parts):
+    for batch in part_batches(parts):
         with duckdb.connect() as con:
-            _read_parts(con, "refused", batch, filesystem)
+            view_parts(con, "refused", batch, filesystem)
             _add(sums, con.sql(query).fetchall(), keys)
     rows = [(*(key if keys > 1 else (key,)), int(n)) for key, (n,) in sums.items()]
     rows.sort(key=lambda row: (-row[-1], *row[:-1]))
@@ -488,7 +459,7 @@ def record_stats(
     gallery_size: int,
 ) -> RecordStats:
     """The report's tables, histogram data and gallery records of ``records`` (a table,
-    or a dataset's committed parts, read ``BATCH_PARTS`` at a time)."""
+    or a dataset's committed parts, read a batch at a time)."""
     counts = [0, 0, 0]
     texts: Sums = {}
     regions: Sums = {}
@@ -502,7 +473,7 @@ def record_stats(
     # records: one batch's newcomers are read, never more than ``gallery_size`` records.
     chosen: list[tuple[str, str]] = []
     chosen_records: dict[str, ImageRecord] = {}
-    for batch in [records] if isinstance(records, pa.Table) else _batches(records):
+    for batch in [records] if isinstance(records, pa.Table) else part_batches(records):
         with connect(batch, filesystem) as con:
             [(rows, images)] = con.sql(
                 "SELECT count(*), count(DISTINCT image_id) FROM records"

@@ -14,7 +14,8 @@ from engine.config import ExportConfig, load_config
 from engine.layout import MANIFEST
 from engine.records import ImageRecord, Region, records_to_table
 from engine.store import Store
-from stages.export import ExportUnit, _file_names, _image_ids, run_export, write_coco
+from stages.export import ExportUnit, run_export
+from stages.export_coco import _file_names, _image_ids, write_coco
 from stages.ingest import plan_ingest, run_ingest
 from tests.inputs import encode, photo
 

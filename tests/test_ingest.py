@@ -3,10 +3,11 @@ import json
 import pytest
 
 from engine.config import load_config
+from engine.layout import MANIFEST, QUARANTINE
 from engine.manifest import kept_image_ids_by_unit, manifest_view, unit_image_ids
-from engine.records import records_from_table
+from engine.records import Caption, ImageRecord, records_from_table, records_to_table
 from engine.store import Store
-from stages.ingest import InputError, plan_ingest, run_ingest
+from stages.ingest import InputError, plan_ingest, remove_duplicates, run_ingest
 from stages.ingest_coco import HumanLabels, labels_to_regions, read_coco, unite
 from tests.inputs import encode, messy_input_folder, photo, write_coco
 
@@ -270,3 +271,37 @@ def test_invalid_coco_file_fails_before_any_work(tmp_path):
     (tmp_path / "labels.json").write_text(json.dumps({"not": "coco"}))
     with pytest.raises(InputError, match="COCO"):
         plan_ingest([str(tmp_path / "labels.json")], Store(str(tmp_path / "s")), CONFIG.ingest)
+
+
+def test_the_duplicate_check_reads_no_part_into_the_driver_and_keeps_the_labelled_copy(
+    tmp_path, monkeypatch
+):
+    store = Store(str(tmp_path / "store"))
+    bare = ImageRecord("a", "folder/a.jpg", "folder", 9, 9, "h")
+    labelled = ImageRecord(
+        "a", "coco/a.jpg", "coco", 9, 9, "h", captions={"brief": Caption("x", "human")}
+    )
+    others = [ImageRecord(i, f"folder/{i}.jpg", "folder", 9, 9, "h") for i in "bcd"]
+    store.commit_unit("u1", {MANIFEST: records_to_table([bare, others[0]], [b"x"] * 2)})
+    store.commit_unit("u2", {MANIFEST: records_to_table([others[1], labelled], [b"x"] * 2)})
+    store.commit_unit("u3", {MANIFEST: records_to_table(others[2:], [b"x"])})
+    read_unit = Store.read_unit
+    reads = []
+
+    def spy(self, dataset, unit, columns=None):
+        reads.append((dataset, unit))
+        return read_unit(self, dataset, unit, columns)
+
+    monkeypatch.setattr(Store, "read_unit", spy)
+    assert remove_duplicates(store) == 1
+    # DuckDB found the copies; the driver read the units holding them (for the copies'
+    # rows), then committed again the one that loses its copy. u3 was never read.
+    assert reads == [(MANIFEST, "u1"), (MANIFEST, "u2"), (MANIFEST, "u1")]
+    manifest = store.read(MANIFEST, columns=["uri"]).column("uri").to_pylist()
+    assert sorted(manifest) == ["coco/a.jpg", "folder/b.jpg", "folder/c.jpg", "folder/d.jpg"]
+    [listed] = store.read(QUARANTINE, columns=["uri", "detail"]).to_pylist()
+    assert listed == {"uri": "folder/a.jpg", "detail": "same content as coco/a.jpg"}
+    # Idempotent, and a checked manifest is not read again.
+    reads.clear()
+    assert remove_duplicates(store) == 0
+    assert reads == []

@@ -14,6 +14,7 @@ import pytest
 import yaml
 from PIL import Image, ImageColor, ImageDraw
 
+from engine import duck
 from engine.config import (
     AnnotateConfig,
     EngineConfig,
@@ -273,7 +274,7 @@ def test_drops_are_counted_in_the_cli_unit(tmp_path):
     # Two units in two batches: the counts add up across them.
     store.commit_unit("u0", {"dropped": table.slice(0, 2)})
     store.commit_unit("u1", {"dropped": table.slice(2)})
-    with patch.object(report_stats, "BATCH_PARTS", 1):
+    with patch.object(duck, "PARTS_PER_READ", 1):
         counted = report_stats.reason_table(store.part_paths("dropped"), store.fs, "dropped", "")
     assert counted.rows == [(reasons[0], 3), (reasons[1], 1), (reasons[2], 1)]
 

