@@ -87,7 +87,7 @@ def run_export(store: Store, config: EngineConfig, round_number: int) -> StageSu
     )
     shards = write_shard_index(store, layout)
     if config.export.coco:
-        write_coco(store, dataset, units, layout.coco, shards)
+        write_coco(store, dataset, [(u.key, u.image_ids) for u in units], layout.coco, shards)
     summary.location = store.path(out_dir)
     summary.held = sum(shard["samples"] for shard in shards)
     return summary

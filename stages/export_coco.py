@@ -34,7 +34,7 @@ import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import duckdb
 import pyarrow as pa
@@ -45,9 +45,8 @@ from engine.manifest import keeps
 from engine.records import CocoId, ImageRecord, Region, records_from_table
 from engine.store import Store
 
-if TYPE_CHECKING:
-    from stages.export import ExportUnit
-
+# A unit of the export: its key, and the image ids it exports (None: all of its rows).
+CocoUnit = tuple[str, tuple[str, ...] | None]
 # What coco.json needs of a record: no captions or phrases.
 _COCO_COLUMNS = [
     "image_id", "uri", "source", "width", "height", "sha256", "regions", "coco_image_id",
@@ -61,7 +60,7 @@ _FETCH_ROWS = 10_000
 def write_coco(
     store: Store,
     dataset: str,
-    units: list[ExportUnit],
+    units: list[CocoUnit],
     relpath: str,
     shards: list[dict[str, Any]],
 ) -> None:
@@ -114,12 +113,12 @@ def write_coco(
 
 
 def _object_records(
-    store: Store, dataset: str, units: list[ExportUnit]
+    store: Store, dataset: str, units: list[CocoUnit]
 ) -> Iterator[list[ImageRecord]]:
     """Each unit's exported records in export order, with their object regions only."""
-    for unit in units:
-        wanted = None if unit.image_ids is None else set(unit.image_ids)
-        table = store.read_unit(dataset, unit.key, columns=_COCO_COLUMNS)
+    for key, image_ids in units:
+        wanted = None if image_ids is None else set(image_ids)
+        table = store.read_unit(dataset, key, columns=_COCO_COLUMNS)
         yield [
             replace(record, regions=[r for r in record.regions if r.kind == "object"])
             for record in records_from_table(table)

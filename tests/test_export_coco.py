@@ -10,11 +10,11 @@ import webdataset as wds
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from engine.config import ExportConfig, load_config
+from engine.config import load_config
 from engine.layout import MANIFEST
 from engine.records import ImageRecord, Region, records_to_table
 from engine.store import Store
-from stages.export import ExportUnit, run_export
+from stages.export import run_export
 from stages.export_coco import _file_names, _image_ids, write_coco
 from stages.ingest import plan_ingest, run_ingest
 from tests.inputs import encode, photo
@@ -121,8 +121,7 @@ def test_machine_regions_share_the_users_categories_by_name_and_never_their_ids(
     # write_coco reads the records alone: any bytes stand in for the images.
     manifest = records_to_table(records, images=[b"\xff\xd8"] * len(records))
     store.commit_unit("u0", {MANIFEST: manifest})
-    unit = ExportUnit("u0", store.url, MANIFEST, ("i0", "i1", "i2"), "shards", ExportConfig())
-    write_coco(store, MANIFEST, [unit], "coco.json", [])
+    write_coco(store, MANIFEST, [("u0", ("i0", "i1", "i2"))], "coco.json", [])
 
     coco = COCO(store.path("coco.json"))
     assert [(i["id"], i["file_name"]) for i in coco.dataset["images"]] == [

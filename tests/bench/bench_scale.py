@@ -537,7 +537,8 @@ def prepare(name: str, store_path: Path) -> Callable[[], Any]:
         units = pickle.loads(coco_units_path(store_path).read_bytes())
         dataset = units[0].records_dataset
         coco = round_layout(0).coco
-        return lambda: write_coco(store, dataset, units, coco, [])
+        exported = [(unit.key, unit.image_ids) for unit in units]
+        return lambda: write_coco(store, dataset, exported, coco, [])
     if name == "ingest.remove_dup":
         # As after a unit committed since the last check: the check runs in full (it
         # finds no copies and records the check again).
