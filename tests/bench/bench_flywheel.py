@@ -96,12 +96,35 @@ def split_world(truth_path: Path, share: float) -> tuple[Path, Path, Path, int]:
     return *paths, len(labelled)
 
 
-def step_seconds(store: Store, number: int, started: float) -> dict[str, float]:
-    """Wall time of each recorded step of a round, from its state file."""
-    seconds, previous = {}, started
-    for step, done in read_round_state(store, number).steps.items():
-        at = calendar.timegm(time.strptime(done["at"], "%Y-%m-%dT%H:%M:%SZ"))
-        seconds[step] = at - previous
+def round_started(work: Path, number: int) -> float | None:
+    """When this benchmark first started round ``number`` in ``work`` (kept across
+    ``--resume``, so a round carried on after a kill is timed from its real start);
+    None for a round some other command made."""
+    path = work / "round_starts.json"
+    starts = json.loads(path.read_text()) if path.exists() else {}
+    return starts.get(str(number))
+
+
+def note_round_start(work: Path, number: int) -> None:
+    path = work / "round_starts.json"
+    starts = json.loads(path.read_text()) if path.exists() else {}
+    starts.setdefault(str(number), time.time())
+    path.write_text(json.dumps(starts))
+
+
+def step_seconds(store: Store, number: int, started: float | None) -> dict[str, float | None]:
+    """Wall time of each recorded step of a round: from the end of the step before it in
+    time (steps record when they end), the first from ``started`` (None if unknown)."""
+    state = read_round_state(store, number)
+    ends = sorted(
+        ((calendar.timegm(time.strptime(done["at"], "%Y-%m-%dT%H:%M:%SZ")), step)
+         for step, done in (state.steps.items() if state else ())),
+        key=lambda end: end[0],  # steps that ended in the same second keep their order
+    )  # fmt: skip
+    seconds: dict[str, float | None] = {}
+    previous = started
+    for at, step in ends:
+        seconds[step] = None if previous is None else at - previous
         previous = at
     return seconds
 
@@ -146,17 +169,18 @@ def main() -> int:
 
     results = []
     for number in range(args.rounds + 1):
-        started = time.time()
         state = read_round_state(store, number)
         if state is not None and state.committed:
             print(f"r{number:03d}: committed by an earlier run", flush=True)
         elif number == 0:
+            note_round_start(work, number)
             inputs = (str(bare), str(human))
             request = Request(config, store, 0, inputs, alone=False)
             steps = [STEPS[name] for name in ROUND]
             steps.insert(steps.index(STEPS["report"]), evaluate_step(scored_truth))
             execute(plan(steps, request), request)
         else:
+            note_round_start(work, number)
             request = Request(config, store, number)
             steps = [STEPS["refine"], evaluate_step(scored_truth), STEPS["report"]]
             execute(plan(steps, request), request)
@@ -176,7 +200,7 @@ def main() -> int:
                 "policy": store.read_json(layout.policy),
                 "churn": store.read_json(layout.churn),
                 "student": store.read_json(layout.student_report),
-                "seconds": step_seconds(store, number, started),
+                "seconds": step_seconds(store, number, round_started(work, number)),
             }
         )
         print(json.dumps(results[-1], indent=1), flush=True)
