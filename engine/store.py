@@ -214,6 +214,14 @@ class Store:
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm(self.path(dataset, name))
 
+    def remove_unit(self, dataset: str, unit: str) -> None:
+        """Take a committed unit out of ``dataset``: its files first, so readers of the
+        folder never list a file the engine does not count, then its marker (a kill in
+        between leaves a unit the engine sees as damaged, and removes again)."""
+        self.remove_replaced(dataset, unit, ())
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(self.marker_path(dataset, unit))
+
     def write_marker(self, dataset: str, unit: str, info: dict) -> None:
         """Commit a unit of ``dataset`` whose files are complete; ``info`` describes them."""
         marker = self.marker_path(dataset, unit)

@@ -1,13 +1,19 @@
 """Export a round as WebDataset shards (DESIGN.md sample format) plus a COCO JSON file.
 
-One export unit per unit of the round's records (filtered, else merged, else the
-manifest): it writes size-bounded shards named ``<unit>-<inputs>-<k>.tar`` and then a
-marker listing them, so a rerun skips finished units and rewrites a half-written one
-under the same names. ``<inputs>`` is what the unit was exported from (the records'
-and the manifest's units, the export settings: ``engine.store.fingerprint``): records
-filtered again on other thresholds are exported again to new shards, and the shards
-they replace are removed once the new marker is in, so shards, ``coco.json`` and the
-filtered records always agree. Each sample is ``<image_id>.jpg`` and ``<image_id>.json``; the JSON
+Shards are sized by ``export.shard_max_samples`` and ``shard_max_bytes``, not by the
+ingest unit: an export unit is a run of consecutive units of the round's records
+(filtered, else merged, else the manifest) that together fill a shard, sized from the
+manifest units' markers (rows and bytes, no data read); a unit larger than a shard is
+an export unit of its own and writes several. Runs are cut greedily from the first
+unit, so images added at the end change only the last run. An export unit writes its
+shards, named ``<first unit>-<inputs>-<k>.tar``, then a marker listing them, so a
+rerun skips finished ones and rewrites a half-written one under the same names.
+``<inputs>`` is what it was exported from (its units of the records and the manifest,
+the export settings: ``engine.store.fingerprint``): records filtered again on other
+thresholds are exported again to new shards, and the shards they replace are removed
+once the new marker is in; export units the plan no longer has (the shard size
+changed) are removed after the run; so shards, ``coco.json`` and the filtered records
+always agree. Each sample is ``<image_id>.jpg`` and ``<image_id>.json``; the JSON
 carries the record and its Florence-2 task targets (``refinement.targets``).
 """
 
@@ -40,13 +46,18 @@ from stages.export_coco import write_coco
 TAR_MTIME = 0
 
 
+# A unit of the round's records in an export unit: its key, and the manifest rows of
+# it that the manifest view keeps (None: all of them).
+Member = tuple[str, tuple[str, ...] | None]
+
+
 @dataclass(frozen=True, slots=True)
 class ExportUnit:
+    # The key of its first member: export units sort as their members do.
     key: str
     store_url: str
     records_dataset: str
-    # The manifest rows of this unit that the manifest view keeps; None: all of them.
-    image_ids: tuple[str, ...] | None
+    members: tuple[Member, ...]
     out_dir: str
     config: ExportConfig
     # What the unit is exported from (engine.store.fingerprint).
@@ -57,26 +68,7 @@ def run_export(store: Store, config: EngineConfig, round_number: int) -> StageSu
     dataset = records_dataset(store, round_number)
     layout = round_layout(round_number)
     out_dir = layout.shards
-    # Round datasets are cut into the manifest's units; export what the round has committed.
-    committed = set(store.committed_units(dataset))
-    units = [
-        ExportUnit(
-            key,
-            store.url,
-            dataset,
-            kept,
-            out_dir,
-            config.export,
-            fingerprint(
-                "export",
-                config.export,
-                unit_image_ids(store, key, kept),
-                {d: store.marker_fingerprint(d, key) for d in (dataset, MANIFEST)},
-            ),
-        )
-        for key, kept in kept_image_ids_by_unit(store).items()
-        if key in committed
-    ]
+    units = plan_export(store, config.export, dataset, out_dir)
     summary = run_units(
         "export",
         export_unit,
@@ -85,52 +77,76 @@ def run_export(store: Store, config: EngineConfig, round_number: int) -> StageSu
         committed=lambda unit: store.is_committed(out_dir, unit.key),
         num_cpus=config.ray.task_cpus,
     )
+    planned = {unit.key for unit in units}
+    for stale in store.committed_units(out_dir):
+        if stale not in planned:
+            store.remove_unit(out_dir, stale)
     shards = write_shard_index(store, layout)
     if config.export.coco:
-        write_coco(store, dataset, [(u.key, u.image_ids) for u in units], layout.coco, shards)
+        members = [member for unit in units for member in unit.members]
+        write_coco(store, dataset, members, layout.coco, shards)
     summary.location = store.path(out_dir)
     summary.held = sum(shard["samples"] for shard in shards)
     return summary
 
 
+def plan_export(store: Store, config: ExportConfig, dataset: str, out_dir: str) -> list[ExportUnit]:
+    """The export units of the committed units of ``dataset``: runs of consecutive units
+    whose kept manifest rows (and their bytes, in proportion) fill one shard."""
+    committed = set(store.committed_units(dataset))
+    runs: list[list[Member]] = []
+    rows = size = 0.0
+    for key, kept in kept_image_ids_by_unit(store).items():
+        if key not in committed:
+            continue
+        marker = store.read_marker(MANIFEST, key)
+        count = marker["rows"] if kept is None else len(kept)
+        share = marker.get("bytes", 0) * count / max(marker["rows"], 1)
+        fits = rows + count <= config.shard_max_samples and size + share <= config.shard_max_bytes
+        if not runs or not fits:
+            runs.append([])
+            rows = size = 0
+        runs[-1].append((key, kept))
+        rows, size = rows + count, size + share
+    units = []
+    for run in runs:
+        members = tuple(run)
+        sources = [
+            (
+                unit_image_ids(store, key, kept),
+                {d: store.marker_fingerprint(d, key) for d in (dataset, MANIFEST)},
+            )
+            for key, kept in members
+        ]
+        inputs = fingerprint("export", config, sources)
+        units.append(
+            ExportUnit(members[0][0], store.url, dataset, members, out_dir, config, inputs)
+        )
+    return units
+
+
 def export_unit(unit: ExportUnit) -> StageSummary:
     store = Store(unit.store_url)
     summary = StageSummary("export")
-    wanted = None if unit.image_ids is None else set(unit.image_ids)
-    images = store.read_unit(MANIFEST, unit.key, columns=["image_id", IMAGE_COLUMN])
-    image_by_id = dict(
-        zip(
-            images.column("image_id").to_pylist(),
-            images.column(IMAGE_COLUMN).to_pylist(),
-            strict=True,
-        )
-    )
-    records = [
-        r
-        for r in records_from_table(
-            store.read_unit(unit.records_dataset, unit.key, columns=RECORD_SCHEMA.names)
-        )
-        if keeps(wanted, r.image_id)
-    ]
-    summary.inputs = len(records)
     shards: list[dict[str, Any]] = []
     prefix = f"{unit.key}-{unit.inputs}" if unit.inputs else unit.key
     with ShardWriter(store, unit.out_dir, prefix) as writer:
-        for record in records:
-            jpg = image_by_id[record.image_id]
-            meta = json.dumps(sample_json(record), ensure_ascii=False).encode()
-            size = len(jpg) + len(meta)
-            full = shards and (
-                shards[-1]["samples"] >= unit.config.shard_max_samples
-                or shards[-1]["bytes"] + size > unit.config.shard_max_bytes
-            )
-            if not shards or full:
-                shards.append({"name": writer.next_shard(), "samples": 0, "bytes": 0})
-            writer.add(f"{record.image_id}.jpg", jpg)
-            writer.add(f"{record.image_id}.json", meta)
-            shards[-1]["samples"] += 1
-            shards[-1]["bytes"] += size
-    summary.outputs = len(records)
+        for key, image_ids in unit.members:  # one member's images in memory at a time
+            for record, jpg in _samples(store, unit.records_dataset, key, image_ids):
+                meta = json.dumps(sample_json(record), ensure_ascii=False).encode()
+                size = len(jpg) + len(meta)
+                full = shards and (
+                    shards[-1]["samples"] >= unit.config.shard_max_samples
+                    or shards[-1]["bytes"] + size > unit.config.shard_max_bytes
+                )
+                if not shards or full:
+                    shards.append({"name": writer.next_shard(), "samples": 0, "bytes": 0})
+                writer.add(f"{record.image_id}.jpg", jpg)
+                writer.add(f"{record.image_id}.json", meta)
+                shards[-1]["samples"] += 1
+                shards[-1]["bytes"] += size
+                summary.inputs += 1
+                summary.outputs += 1
     # Committed as a store part is (engine/store.py): staged shards, the replaced ones
     # removed, the marker, then the shards moved into the folder readers list.
     names = [shard["name"] for shard in shards]
@@ -140,6 +156,23 @@ def export_unit(unit: ExportUnit) -> StageSummary:
     store.write_marker(unit.out_dir, unit.key, {"shards": shards, "inputs": unit.inputs})
     store.publish(unit.out_dir, names)
     return summary
+
+
+def _samples(
+    store: Store, dataset: str, key: str, image_ids: tuple[str, ...] | None
+) -> list[tuple[ImageRecord, bytes]]:
+    """The exported records of one unit with their JPEG bytes, in the unit's order."""
+    wanted = None if image_ids is None else set(image_ids)
+    images = store.read_unit(MANIFEST, key, columns=["image_id", IMAGE_COLUMN])
+    image_by_id = dict(
+        zip(
+            images.column("image_id").to_pylist(),
+            images.column(IMAGE_COLUMN).to_pylist(),
+            strict=True,
+        )
+    )
+    records = records_from_table(store.read_unit(dataset, key, columns=RECORD_SCHEMA.names))
+    return [(r, image_by_id[r.image_id]) for r in records if keeps(wanted, r.image_id)]
 
 
 class ShardWriter:

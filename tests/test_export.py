@@ -9,6 +9,8 @@ import webdataset as wds
 from pycocotools.coco import COCO
 
 from engine.config import load_config
+from engine.layout import MANIFEST
+from engine.records import ImageRecord, records_to_table
 from engine.store import Store
 from stages.export import run_export
 from stages.ingest import plan_ingest, run_ingest
@@ -137,3 +139,33 @@ def test_rerun_skips_exported_units_and_writes_the_same_shards(exported):
         for name in index["shards"]
     }
     assert before == after
+
+
+def test_shards_span_units_up_to_their_size_and_follow_a_new_size(tmp_path):
+    """Shards are sized by the export settings, not by the ingest unit: five units of
+    three images fill shards of six, and a new size replaces every shard without
+    leaving the old ones for readers of the folder."""
+    store = Store(str(tmp_path / "store"))
+    for unit in range(5):
+        records = [
+            ImageRecord(f"i{unit}{k}", f"file:///{unit}/{k}.jpg", "test", 24, 16, "h" * 64)
+            for k in range(3)
+        ]
+        jpgs = [encode(photo(24, 16, seed=unit * 3 + k)) for k in range(3)]
+        store.commit_unit(f"u{unit}", {MANIFEST: records_to_table(records, jpgs)})
+
+    def export(samples: int) -> dict:
+        config = CONFIG.model_copy(
+            update={"export": CONFIG.export.model_copy(update={"shard_max_samples": samples})}
+        )
+        run_export(store, config, 0)
+        return json.loads((tmp_path / "store/exports/r000/_index.json").read_text())
+
+    index = export(7)
+    assert [d["samples"] for d in index["detail"]] == [6, 6, 3]
+    assert len(list(wds.WebDataset(index["shards"], shardshuffle=False))) == 15
+    index = export(4)
+    assert [d["samples"] for d in index["detail"]] == [3, 3, 3, 3, 3]
+    folder = tmp_path / "store/shards/r000"
+    assert sorted(os.listdir(folder)) == sorted(d["name"] for d in index["detail"])
+    assert sorted(store.committed_units("shards/r000")) == [f"u{unit}" for unit in range(5)]

@@ -309,7 +309,7 @@ def shards(tmp_path_factory) -> list[str]:
         store.commit_unit(unit, {"manifest": records_to_table(chunk, images)})
         ids = tuple(r.image_id for r in chunk)
         config = ExportConfig(shard_max_samples=SHARD_SAMPLES)
-        export_unit(ExportUnit(unit, store.url, "manifest", ids, "shards/r000", config))
+        export_unit(ExportUnit(unit, store.url, "manifest", ((unit, ids),), "shards/r000", config))
     write_shard_index(store, round_layout(0))
     return store.read_json(round_layout(0).shard_index)["shards"]
 

@@ -24,9 +24,8 @@ def export_round(store: Store, number: int) -> None:
     unit = f"u{number:03d}"
     store.commit_unit(unit, {"manifest": records_to_table([record], [encode(photo(24, 16))])})
     layout = round_layout(number)
-    export_unit(
-        ExportUnit(unit, store.url, "manifest", (record.image_id,), layout.shards, ExportConfig())
-    )
+    members = ((unit, (record.image_id,)),)
+    export_unit(ExportUnit(unit, store.url, "manifest", members, layout.shards, ExportConfig()))
     write_shard_index(store, layout)
 
 

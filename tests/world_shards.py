@@ -45,7 +45,7 @@ def exported_world(
         store.commit_unit(key, {MANIFEST: records_to_table(chunk, files)})
         ids = tuple(r.image_id for r in chunk)
         config = ExportConfig(shard_max_samples=8)
-        export_unit(ExportUnit(key, store.url, MANIFEST, ids, layout.shards, config))
+        export_unit(ExportUnit(key, store.url, MANIFEST, ((key, ids),), layout.shards, config))
     write_shard_index(store, layout)
     commit_round(store, 0)
     return store

@@ -45,8 +45,8 @@ Measured (what runs with Ray is measured up to Ray; none of these start it):
   export.plan              stages.export.run_export up to and including ``run_units``'
                            planning part; it stops there (shard index and coco.json
                            are not written)
-  export.write_coco        stages.export_coco.write_coco over the units export plans (loaded
-                           from a pickle before the baseline: they are its input)
+  export.write_coco        stages.export_coco.write_coco over the units export plans
+                           (planned before the baseline: they are its input)
   report.stats             the statistics block of stages.report.run_report: reading
                            the records, the quarantine and dropped counts, then
                            stages/report_stats.py's tables and histogram data and the
@@ -125,7 +125,6 @@ import gc
 import hashlib
 import json
 import os
-import pickle
 import resource
 import subprocess
 import sys
@@ -458,10 +457,6 @@ def export_units(store: Any, config: Any) -> list:
     raise RuntimeError("run_export did not reach run_units")
 
 
-def coco_units_path(store_path: Path) -> Path:
-    return store_path.parent / f"{store_path.name}.coco_units.pkl"
-
-
 def ensure_store(work: Path, rows: int, rebuild: bool) -> Path:
     path = work / f"store-{rows}"
     built = path / BUILT
@@ -474,10 +469,6 @@ def ensure_store(work: Path, rows: int, rebuild: bool) -> Path:
     print(f"store of {rows} rows: building {path}", flush=True)
     started = time.perf_counter()
     build_store(path, rows)
-    from engine.store import Store
-
-    units = export_units(Store(str(path)), bench_config())
-    coco_units_path(path).write_bytes(pickle.dumps(units))
     built.write_text(json.dumps(expected))
     print(f"  built in {time.perf_counter() - started:.0f} s", flush=True)
     return path
@@ -534,10 +525,10 @@ def prepare(name: str, store_path: Path) -> Callable[[], Any]:
     stages.export.run_units = plan_then_stop
     stages.annotate.check_fits = refuse_ray
     if name == "export.write_coco":
-        units = pickle.loads(coco_units_path(store_path).read_bytes())
+        units = export_units(store, config)
         dataset = units[0].records_dataset
         coco = round_layout(0).coco
-        exported = [(unit.key, unit.image_ids) for unit in units]
+        exported = [member for unit in units for member in unit.members]
         return lambda: write_coco(store, dataset, exported, coco, [])
     if name == "ingest.remove_dup":
         # As after a unit committed since the last check: the check runs in full (it
