@@ -223,6 +223,19 @@ def progress_bar(
     return LineProgress(total, desc, unit=unit, file=file, disable=disable)
 
 
+def fits(cpus: float, gpus: float) -> bool:
+    """Whether actors and tasks holding ``cpus`` and ``gpus`` can all run at once: on
+    this machine's embedded Ray, against what it has; on a cluster (RAY_ADDRESS set),
+    always, since its autoscaler may add nodes on demand."""
+    import ray
+
+    require_ray()
+    if os.environ.get("RAY_ADDRESS"):
+        return True
+    available = ray.cluster_resources()
+    return cpus <= available.get("CPU", 0.0) + 1e-9 and gpus <= available.get("GPU", 0.0) + 1e-9
+
+
 def check_fits(stage: str, cpus: float, gpus: float) -> None:
     """Refuse work an embedded Ray can never schedule, instead of waiting on it forever.
 
@@ -230,19 +243,17 @@ def check_fits(stage: str, cpus: float, gpus: float) -> None:
     waits without a word. A cluster (RAY_ADDRESS set) may add nodes on demand, so there
     the request is left to its autoscaler.
     """
+    if fits(cpus, gpus):
+        return
     import ray
 
-    require_ray()
-    if os.environ.get("RAY_ADDRESS"):
-        return
     available = ray.cluster_resources()
     have_cpus, have_gpus = available.get("CPU", 0.0), available.get("GPU", 0.0)
-    if cpus > have_cpus + 1e-9 or gpus > have_gpus + 1e-9:
-        raise StageError(
-            f"{stage}: needs {cpus:g} CPUs and {gpus:g} GPUs at once but this machine's Ray "
-            f"has {have_cpus:g} CPUs and {have_gpus:g} GPUs; lower num_cpus, num_gpus or "
-            "pool_size of the specialists, or ray.task_cpus"
-        )
+    raise StageError(
+        f"{stage}: needs {cpus:g} CPUs and {gpus:g} GPUs at once but this machine's Ray "
+        f"has {have_cpus:g} CPUs and {have_gpus:g} GPUs; lower num_cpus, num_gpus or "
+        "pool_size of the specialists, or ray.task_cpus"
+    )
 
 
 def run_units(

@@ -8,16 +8,21 @@ an idle actor of that specialist's pool, which annotates it in batches and commi
 (stages/annotate_worker.py). Decoding thus happens off the model's critical path,
 prefetched while the actors work.
 
-Specialists run in levels: one that needs a product (``captions``, ``objects``...)
-runs after every specialist that produces it; those of one level run together, so
-small models share GPUs by their fractions. An image that makes a model raise is
-recorded with its error by the actor. An image that takes the process down (a segfault,
-an exit, a batch that hangs past ``batch_timeout_s``) is found here: the actor is
-restarted and the unit retried in halves down to that image, which is recorded with the
-cause, so the stage still ends complete in one run."""
+A specialist that needs a product (``captions``, ``objects``...) works on a unit as soon
+as every specialist that produces it has committed that unit: there is no barrier
+across the manifest between them. Every specialist's pool runs at once where all the
+actors fit together (small models share GPUs by their fractions); where they do not,
+the specialists run in levels, each level after the one it needs.
+
+An image that makes a model raise is recorded with its error by the actor. An image
+that takes the process down (a segfault, an exit, a batch that hangs past
+``batch_timeout_s``) is found here: the actor is restarted and the unit retried in
+halves down to that image, which is recorded with the cause, so the stage still ends
+complete in one run."""
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections import deque
@@ -27,7 +32,7 @@ from dataclasses import dataclass, field
 import ray
 
 from engine.config import EngineConfig, SpecialistConfig
-from engine.execution import StageError, check_fits, progress_bar
+from engine.execution import StageError, check_fits, fits, progress_bar
 from engine.layout import MANIFEST, round_layout
 from engine.manifest import kept_image_ids_by_unit, unit_image_ids
 from engine.store import Store, fingerprint
@@ -93,17 +98,21 @@ def run_annotate(
         for key, ids in kept_image_ids_by_unit(store).items()
         if units is None or key in units
     }
-    for level in specialist_levels(built):
-        upstream = {
-            name: [
-                round_layout(round_number).annotate(other)
-                for other in specs
-                if other != name and built[other].produces & built[name].needs
-            ]
-            for name in level
-        }
-        level_specs = [specs[n] for n in level]
-        _run_level(store, config, round_number, level_specs, chosen_units, upstream, summary)
+    levels = specialist_levels(built)
+    producers = {
+        name: [
+            other for other in specs if other != name and built[other].produces & built[name].needs
+        ]
+        for name in specs
+    }
+    run = functools.partial(
+        _run_specialists, store, config, round_number, specs, units=chosen_units,
+        producers=producers, summary=summary,
+    )  # fmt: skip
+    if not run([name for level in levels for name in level], may_split=len(levels) > 1):
+        # Every pool at once does not fit: level by level, each after those it needs.
+        for level in levels:
+            run(level, may_split=False)
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -286,61 +295,104 @@ def annotate_inputs(
     return fingerprint("annotate", model, manifest, image_ids, upstream_markers)
 
 
-def _run_level(
+def _run_specialists(
     store: Store,
     config: EngineConfig,
     round_number: int,
-    specs: list[SpecialistConfig],
+    specs: dict[str, SpecialistConfig],
+    names: list[str],
+    *,
     units: dict[str, tuple[str, ...] | None],
-    upstream: dict[str, list[str]],
+    producers: dict[str, list[str]],
     summary: StageSummary,
-) -> None:
-    """Run the specialists of one level together, each over every unit not yet committed."""
-    pending: dict[str, tuple[SpecialistConfig, list[str], dict[str, str]]] = {}
-    # Each unit's ids are read once for the level and kept only as a count.
-    inputs_by_spec: dict[str, dict[str, str]] = {spec.name: {} for spec in specs}
+    may_split: bool,
+) -> bool:
+    """Run the specialists ``names`` (in an order where each comes after those it needs)
+    together, each over every unit not yet current. A unit of a specialist whose
+    producers in ``names`` still have that unit to do waits for them, unit by unit.
+    With ``may_split``, returns False having run nothing where their pools do not fit
+    at once (the caller then runs them level by level); else a pool set that cannot
+    fit is refused (``check_fits``)."""
+    layout = round_layout(round_number)
+    in_run = set(names)
     sizes: dict[str, int] = {}
+    inputs: dict[str, dict[str, str]] = {name: {} for name in names}
+    # Specialist -> its units to run, in order (a dict for a set's lookups).
+    todo: dict[str, dict[str, None]] = {name: {} for name in names}
+    # Specialist -> unit -> the producers in this run that have yet to commit it.
+    waiting: dict[str, dict[str, set[str]]] = {name: {} for name in names}
+
+    def current(name: str, unit: str, ids: Sequence[str]) -> bool:
+        """Whether ``name``'s unit is current; records its inputs, counts a skip or a redo."""
+        upstream = [layout.annotate(other) for other in producers[name]]
+        inputs[name][unit] = annotate_inputs(store, specs[name], unit, ids, upstream)
+        dataset = layout.annotate(name)
+        if store.is_current(dataset, unit, inputs[name][unit]):
+            summary.units_skipped += 1
+            return True
+        if store.is_committed(dataset, unit):
+            summary.notes["units redone: what they are computed from changed"] += 1
+        return False
+
     for unit, kept in units.items():
+        # A unit's ids are read once here (kept only as a count), and again only for a
+        # unit that waits on a producer, when it is let go.
         ids = unit_image_ids(store, unit, kept)
         sizes[unit] = len(ids)
-        for spec in specs:
-            inputs_by_spec[spec.name][unit] = annotate_inputs(
-                store, spec, unit, ids, upstream[spec.name]
-            )
-    for spec in specs:
-        dataset = round_layout(round_number).annotate(spec.name)
-        inputs = inputs_by_spec[spec.name]
-        todo = [u for u in units if not store.is_current(dataset, u, inputs[u])]
-        summary.units_skipped += len(units) - len(todo)
-        redone = sum(1 for unit in todo if store.is_committed(dataset, unit))
-        if redone:
-            summary.notes["units redone: what they are computed from changed"] += redone
-        if todo:
-            pending[spec.name] = (spec, todo, inputs)
-    if not pending:
-        return  # nothing to do: no Ray, no actors, no models loaded
-    # Every actor of the level, plus one decode task to feed them, must fit at once.
-    check_fits(
-        "annotate",
-        cpus=sum(s.num_cpus * s.pool_size for s in specs) + config.ray.task_cpus,
-        gpus=sum(s.num_gpus * s.pool_size for s in specs),
-    )
+        for name in names:  # producers first
+            pending = {
+                other
+                for other in producers[name]
+                if other in in_run and (unit in waiting[other] or unit in todo[other])
+            }
+            if pending:
+                waiting[name][unit] = pending
+            elif not current(name, unit, ids):
+                todo[name][unit] = None
+    busy = [name for name in names if todo[name] or waiting[name]]
+    if not busy:
+        return True  # nothing to do: no Ray, no actors, no models loaded
+    # Every actor, plus one decode task to feed them, must fit at once.
+    cpus = sum(specs[n].num_cpus * specs[n].pool_size for n in busy) + config.ray.task_cpus
+    gpus = sum(specs[n].num_gpus * specs[n].pool_size for n in busy)
+    if may_split and not fits(cpus, gpus):
+        return False
+    check_fits("annotate", cpus=cpus, gpus=gpus)
     prepare = ray.remote(num_cpus=config.ray.task_cpus)(prepare_unit)
     pools: dict[str, _Pool] = {}
-    for name, (spec, todo, inputs) in pending.items():
+    for name in busy:
 
-        def open_unit(unit: str, name: str = name, inputs: dict = inputs) -> _UnitJob:
-            ref = prepare.remote(store.url, unit, units[unit], upstream[name])
-            return _UnitJob(unit, sizes[unit], ref, inputs[unit])
+        def open_unit(unit: str, name: str = name) -> _UnitJob:
+            upstream = [layout.annotate(other) for other in producers[name]]
+            ref = prepare.remote(store.url, unit, units[unit], upstream)
+            return _UnitJob(unit, sizes[unit], ref, inputs[name][unit])
 
-        pools[name] = _Pool(spec, store.url, round_number, todo, open_unit, config)
+        pools[name] = _Pool(
+            specs[name], store.url, round_number, list(todo[name]), open_unit, config
+        )
+
+    def release(done: str, unit: str) -> int:
+        """The units of other specialists that ``done`` committing ``unit`` lets start
+        (or finds current); returns how many were found current."""
+        skipped = 0
+        for name in busy:
+            pending = waiting[name].get(unit)
+            if pending is None or done not in pending:
+                continue
+            pending.discard(done)
+            if not pending:
+                del waiting[name][unit]
+                if current(name, unit, unit_image_ids(store, unit, units[unit])):
+                    skipped += 1
+                else:
+                    pools[name].units.append(unit)
+        return skipped
 
     in_flight: dict[ray.ObjectRef, tuple[_Pool, int, _Call]] = {}
     failures: list[str] = []
-    total = sum(len(pool.units) for pool in pools.values())
-    names = ", ".join(s.name for s in specs)
+    total = sum(len(todo[n]) + len(waiting[n]) for n in busy)
     try:
-        with progress_bar(total, f"annotate [{names}]", disable=not total) as bar:
+        with progress_bar(total, f"annotate [{', '.join(busy)}]", disable=not total) as bar:
             while True:
                 for pool in pools.values():
                     for actor_index in sorted(pool.idle):
@@ -356,14 +408,19 @@ def _run_level(
                 if failure:
                     failures.append(failure)
                 if pool.job_done(call):
-                    bar.update(1)
+                    skipped = 0 if call.job.failed else release(pool.spec.name, call.job.unit)
+                    bar.update(1 + skipped)
                     bar.set_postfix(images=summary.inputs)
     finally:
         for pool in pools.values():
             for actor in pool.actors:
                 ray.kill(actor)
+    stranded = sum(len(waiting[name]) for name in busy)
+    if stranded:
+        summary.notes["units not annotated: a specialist they need failed on them"] += stranded
     if failures:
         raise StageError(
             f"annotate: {len(failures)} units failed (rerun to retry them): "
             + "; ".join(failures[:3])
         )
+    return True

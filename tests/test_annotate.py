@@ -1,5 +1,7 @@
 """The annotate stage: actor pools, dependency order, failures, resume; RapidOCR for real."""
 
+import os
+
 import pytest
 from PIL import Image
 from skimage import data
@@ -159,3 +161,30 @@ def test_rapidocr_reads_the_page_title(tmp_path, ray_cluster):
     x0, y0, x1, y1 = title.box
     assert 0 <= x0 < x1 <= record.width and 0 <= y0 < y1 <= record.height
     assert len(title.quad) == 8
+
+
+def test_a_specialist_starts_on_a_unit_once_its_producers_committed_that_unit(store):
+    """No barrier across the manifest: the grounder commits the first unit while the
+    slow captioner is still on the second."""
+    slow = spec("cap", FAULTY, options={"seconds_per_image": 0.5})
+    summary = run_annotate(store, with_specialists(slow, spec("ground", GROUNDER)), 0)
+    assert summary.units_run == 4
+
+    def committed_at(name: str) -> dict[str, float]:
+        dataset = round_layout(0).annotate(name)
+        return {
+            unit: os.path.getmtime(store.marker_path(dataset, unit))
+            for unit in store.committed_units(dataset)
+        }
+
+    captioned, grounded = committed_at("cap"), committed_at("ground")
+    first, last = sorted(captioned, key=captioned.get)
+    assert grounded[first] < captioned[last]
+    assert all(grounded[unit] > captioned[unit] for unit in captioned)
+
+
+def test_specialists_whose_pools_do_not_fit_together_run_level_by_level(store):
+    # Each pool fits beside a decode task, the two together do not.
+    big = with_specialists(spec("cap", CAPTIONER, num_cpus=1), spec("ground", GROUNDER, num_cpus=1))
+    assert run_annotate(store, big, 0).units_run == 4
+    assert all(r.phrases for r, _ in read(store, "ground").values())
