@@ -24,15 +24,17 @@ PARTS_PER_READ = 64
 
 
 @contextmanager
-def bounded_connection(file_name: str | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
-    """A DuckDB connection that works in ``MEMORY_LIMIT`` and spills to a temporary
+def bounded_connection(
+    file_name: str | None = None, memory_limit: str = MEMORY_LIMIT
+) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A DuckDB connection that works in ``memory_limit`` and spills to a temporary
     folder, removed afterwards; with ``file_name``, its tables live in a database file
     in that folder rather than in memory."""
     with tempfile.TemporaryDirectory(prefix="fld-duckdb-") as folder:
         database = ":memory:" if file_name is None else str(Path(folder) / file_name)
         con = duckdb.connect(database)
         try:
-            con.execute(f"SET memory_limit = '{MEMORY_LIMIT}'")
+            con.execute(f"SET memory_limit = '{memory_limit}'")
             con.execute(f"SET threads = {THREADS}")
             con.execute(f"SET temp_directory = '{folder}'")
             yield con

@@ -53,6 +53,10 @@ _COCO_COLUMNS = [
 ]  # fmt: skip
 # Where a uri's tail is cut to name an image in coco.json: folders, and tar members.
 _SEPARATOR = re.compile("[/#]")
+# DuckDB's memory for the names: the joins and nested groupings of millions of clashing
+# paths need more room pinned at once than a plain grouping (3M paths sharing 1,000 file
+# names failed in 64 MB); the driver's peak stays near 310 MB from 1M images up.
+NAMING_MEMORY = "128MB"
 # Rows fetched from DuckDB at a time while the file is written.
 _FETCH_ROWS = 10_000
 
@@ -155,6 +159,7 @@ class _ImageTable:
     def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
         self.con = con
         self.rows = 0
+        self.settled = False
         # path: the uri without its scheme; starts: where each of its tails begins (after
         # each separator), so the tail of ``depth`` folders is path[starts[-depth]:].
         con.execute(
@@ -177,54 +182,84 @@ class _ImageTable:
         self.con.unregister("batch")
         self.rows += len(uris)
 
-    def _name_files(self) -> None:
-        """Each path's shortest tail, cut at ``/`` or ``#``, that no other path shares;
-        two equal paths (one file ingested again after it changed) keep one name."""
+    def _settle(self) -> None:
+        """Work out, once, each image's file name: ``names``, with ``deeper`` for those
+        whose file name clashes.
+
+        A name is the shortest tail of the path, cut at ``/`` or ``#``, that no other
+        path has: two paths that share a tail share every shorter one, so only the
+        paths whose last part clashes are cut deeper, and each takes the first depth
+        at which its tail is its own, else its deepest (two equal paths, one file
+        ingested again after it changed, keep one name). Tables are made by queries,
+        never updated in place, so every step can spill to disk."""
         tail = (
             "CASE WHEN len(starts) = 0 THEN path ELSE path[starts[len(starts) - {d} + 1] + 1:] END"
         )
         self.con.execute(
-            f"ALTER TABLE images ADD COLUMN depth INTEGER DEFAULT 1; "
-            f"ALTER TABLE images ADD COLUMN name VARCHAR; "
-            f"UPDATE images SET name = {tail.format(d='depth')}"
+            f"""
+            CREATE TABLE names AS
+            WITH last AS (SELECT *, {tail.format(d=1)} AS name FROM images),
+                 clashes AS (SELECT name FROM last GROUP BY name HAVING count(*) > 1)
+            SELECT *, name IN (SELECT name FROM clashes) AND len(starts) > 1 AS deepens
+            FROM last
+            """
         )
-        while True:
-            [(longer,)] = self.con.execute(
-                f"""
-                UPDATE images SET depth = depth + 1, name = {tail.format(d="(depth + 1)")}
-                WHERE depth < len(starts)
-                  AND name IN (SELECT name FROM images GROUP BY name HAVING count(*) > 1)
-                """
-            ).fetchall()
-            if not longer:
-                return
+        self.con.execute(
+            f"""
+            CREATE TABLE deeper AS
+            WITH depths AS (
+                SELECT ord, original, path, starts, unnest(range(2, len(starts) + 1)) AS d
+                FROM names WHERE deepens
+            ),
+            tails AS (SELECT ord, original, d, {tail.format(d="d")} AS tail FROM depths),
+            counted AS (SELECT tail, count(*) AS n FROM tails GROUP BY tail)
+            SELECT ord, any_value(original) AS original,
+                   coalesce(arg_min(tail, d) FILTER (WHERE n = 1), arg_max(tail, d)) AS name
+            FROM tails JOIN counted USING (tail) GROUP BY ord
+            """
+        )
+        self.settled = True
 
     def names_and_ids(self) -> Iterator[tuple[str, CocoId]]:
         """Each image's file name and id, in export order."""
-        if "name" not in {c for (c, *_) in self.con.execute("DESCRIBE images").fetchall()}:
-            self._name_files()
-        [(largest, any_original)] = self.con.execute(
-            "SELECT max(TRY_CAST(original AS HUGEINT)), bool_or(original IS NOT NULL) FROM images"
+        if not self.settled:
+            self._settle()
+        [(largest, largest_text, any_original)] = self.con.execute(
+            """
+            SELECT max(TRY_CAST(original AS HUGEINT)),
+                   max(TRY_CAST(original[2:-2] AS HUGEINT))
+                       FILTER (WHERE regexp_full_match(original, '"[0-9]+"')),
+                   bool_or(original IS NOT NULL)
+            FROM images
+            """
         ).fetchall()
-        # String ids that read as the integers a fresh id would be, ascending, streamed
-        # from a cursor of their own.
-        taken = _streamed(
-            self.con.cursor().execute(
-                "SELECT DISTINCT TRY_CAST(original[2:-2] AS HUGEINT) AS n FROM images "
-                "WHERE regexp_full_match(original, '\"[1-9][0-9]*\"') ORDER BY n"
+        fresh = _fresh_ids(largest, largest_text, bool(any_original))
+        # Original ids that more than one image has: the first in export order keeps it.
+        repeated = {
+            original
+            for (original,) in self.con.execute(
+                "SELECT original FROM images WHERE original IS NOT NULL "
+                "GROUP BY original HAVING count(*) > 1"
+            ).fetchall()
+        }
+        seen: set[str] = set()
+        rows = _streamed(
+            self.con.execute(
+                """
+                SELECT name, original FROM (
+                    SELECT ord, name, original FROM names WHERE NOT deepens
+                    UNION ALL SELECT ord, name, original FROM deeper
+                ) ORDER BY ord
+                """
             )
         )
-        largest = None if largest is None else int(largest)
-        fresh = _fresh_ids(largest, bool(any_original), (int(n) for (n,) in taken))
-        rows = self.con.execute(
-            """
-            SELECT name, CASE WHEN original IS NOT NULL AND row_number() OVER
-                (PARTITION BY original ORDER BY ord) = 1 THEN original END
-            FROM images ORDER BY ord
-            """
-        )
-        for name, kept in _streamed(rows):
-            yield name, json.loads(kept) if kept is not None else next(fresh)
+        for name, original in rows:
+            if original in repeated:
+                if original in seen:
+                    original = None  # an earlier image keeps it: a fresh id
+                else:
+                    seen.add(original)
+            yield name, json.loads(original) if original is not None else next(fresh)
 
 
 def _streamed(result: duckdb.DuckDBPyConnection) -> Iterator[tuple[Any, ...]]:
@@ -234,25 +269,20 @@ def _streamed(result: duckdb.DuckDBPyConnection) -> Iterator[tuple[Any, ...]]:
 
 @contextmanager
 def _image_table() -> Iterator[_ImageTable]:
-    with bounded_connection("images.duckdb") as con:
+    with bounded_connection("images.duckdb", NAMING_MEMORY) as con:
         yield _ImageTable(con)
 
 
-def _fresh_ids(largest: int | None, any_original: bool, taken: Iterable[int]) -> Iterator[CocoId]:
+def _fresh_ids(
+    largest: int | None, largest_text: int | None, any_original: bool
+) -> Iterator[CocoId]:
     """Ids that no original id is: integers above ``largest`` (the largest integer id),
-    or, when every original id is a string, such integers as strings, skipping those of
-    ``taken`` (ascending), since COCOeval sorts the ids of a file and Python cannot order
-    a string against an integer."""
+    or, when every original id is a string, such integers as strings above
+    ``largest_text`` (the largest string id that reads as an integer), since COCOeval
+    sorts the ids of a file and Python cannot order a string against an integer."""
     if largest is not None or not any_original:
-        yield from itertools.count((largest or 0) + 1)
-        return
-    upcoming = iter(taken)
-    next_taken = next(upcoming, None)
-    for number in itertools.count(1):
-        while next_taken is not None and next_taken < number:
-            next_taken = next(upcoming, None)
-        if number != next_taken:
-            yield str(number)
+        return itertools.count(int(largest or 0) + 1)
+    return (str(n) for n in itertools.count(int(largest_text or 0) + 1))
 
 
 def _file_names(uris: list[str]) -> list[str]:
@@ -289,8 +319,8 @@ def _categories(
     for category_id, name in names.items():
         by_name.setdefault(name, category_id)
     integers = [i for i in names if isinstance(i, int)]
-    numbers = sorted({int(i) for i in names if isinstance(i, str) and i.isdigit() and i[0] != "0"})
-    fresh = _fresh_ids(max(integers, default=None), bool(names), numbers)
+    numbers = [int(i) for i in names if isinstance(i, str) and i.isdigit()]
+    fresh = _fresh_ids(max(integers, default=None), max(numbers, default=None), bool(names))
     ids: dict[tuple[CocoId | None, str], CocoId] = {}
     for key in labels:
         category_id, text = key
