@@ -38,10 +38,10 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 from pycocotools import mask as mask_utils
 
 from engine.duck import bounded_connection
-from engine.manifest import keeps
 from engine.records import CocoId, ImageRecord, Region, records_from_table
 from engine.store import Store
 
@@ -73,12 +73,18 @@ def write_coco(
     original ids (into DuckDB) and the distinct categories; the images; the annotations.
     The file is written under ``_staging/`` and moved into place, so a reader never
     meets it half-written."""
-    labels: dict[tuple[CocoId | None, str], None] = {}  # in order of first appearance
+    # (category id as stored, text) of every object region, in order of first appearance.
+    stored: dict[tuple[str | None, str], None] = {}
+    first_pass = ["image_id", "uri", "coco_image_id", "regions"]
     with _image_table() as images:
-        for records in _object_records(store, dataset, units):
-            images.add([r.uri for r in records], [r.coco_image_id for r in records])
-            for record in records:
-                labels.update(dict.fromkeys((r.category_id, r.text) for r in record.regions))
+        for table in _unit_tables(store, dataset, units, first_pass):
+            images.add(table.column("uri").to_pylist(), table.column("coco_image_id").to_pylist())
+            regions = pc.list_flatten(table.column("regions"))
+            objects = regions.filter(pc.equal(pc.struct_field(regions, "kind"), "object"))
+            ids = pc.struct_field(objects, "category_id").to_pylist()
+            texts = pc.struct_field(objects, "text").to_pylist()
+            stored.update(dict.fromkeys(zip(ids, texts, strict=True)))
+        labels = [(None if i is None else json.loads(i), text) for i, text in stored]
         category_ids, categories = _categories(labels)
         folder, name = posixpath.split(relpath)
         staged = store.staging_path(folder, name)
@@ -89,17 +95,22 @@ def write_coco(
                 "shards": [shard["name"] for shard in shards],
             }
             out.write(f'{{"info": {json.dumps(info)}, "images": [')
-            records = itertools.chain.from_iterable(_object_records(store, dataset, units))
-            for index, (record, (file_name, image_id)) in enumerate(
-                zip(records, images.names_and_ids(), strict=True)
+            columns = ["image_id", "uri", "width", "height"]
+            rows = (
+                row
+                for table in _unit_tables(store, dataset, units, columns)
+                for row in zip(*(table.column(c).to_pylist() for c in columns), strict=True)
+            )
+            for index, ((fld_id, uri, width, height), (file_name, image_id)) in enumerate(
+                zip(rows, images.names_and_ids(), strict=True)
             ):
                 image = {
                     "id": image_id,
                     "file_name": file_name,
-                    "width": record.width,
-                    "height": record.height,
-                    "fld_image_id": record.image_id,
-                    "fld_uri": record.uri,
+                    "width": width,
+                    "height": height,
+                    "fld_image_id": fld_id,
+                    "fld_uri": uri,
                 }
                 out.write(("," if index else "") + json.dumps(image))
             out.write('], "annotations": [')
@@ -116,17 +127,27 @@ def write_coco(
     store.publish(folder, [name])
 
 
+def _unit_tables(
+    store: Store, dataset: str, units: list[CocoUnit], columns: list[str]
+) -> Iterator[pa.Table]:
+    """``columns`` of each unit's exported rows, in export order (``columns`` names
+    ``image_id``)."""
+    for key, image_ids in units:
+        table = store.read_unit(dataset, key, columns=columns)
+        if image_ids is not None:
+            wanted = pa.array(image_ids, pa.string())
+            table = table.filter(pc.is_in(table.column("image_id"), value_set=wanted))
+        yield table
+
+
 def _object_records(
     store: Store, dataset: str, units: list[CocoUnit]
 ) -> Iterator[list[ImageRecord]]:
     """Each unit's exported records in export order, with their object regions only."""
-    for key, image_ids in units:
-        wanted = None if image_ids is None else set(image_ids)
-        table = store.read_unit(dataset, key, columns=_COCO_COLUMNS)
+    for table in _unit_tables(store, dataset, units, _COCO_COLUMNS):
         yield [
             replace(record, regions=[r for r in record.regions if r.kind == "object"])
             for record in records_from_table(table)
-            if keeps(wanted, record.image_id)
         ]
 
 
@@ -166,15 +187,16 @@ class _ImageTable:
             "CREATE TABLE images (ord BIGINT, path VARCHAR, starts INTEGER[], original VARCHAR)"
         )
 
-    def add(self, uris: list[str], originals: list[CocoId | None]) -> None:
+    def add(self, uris: list[str], originals: list[str | None]) -> None:
+        """The next images in export order: their uris, and their original COCO ids as
+        the records store them (JSON, so the integer 3 and the string "3" stay two)."""
         paths = [uri.split("://", 1)[-1] for uri in uris]
         batch = pa.table(
             {
                 "ord": pa.array(range(self.rows, self.rows + len(uris)), pa.int64()),
                 "path": paths,
                 "starts": [[m.end() for m in _SEPARATOR.finditer(path)] for path in paths],
-                # JSON, so the integer 3 and the string "3" stay two ids.
-                "original": [None if o is None else json.dumps(o) for o in originals],
+                "original": pa.array(originals, pa.string()),
             }
         )
         self.con.register("batch", batch)
@@ -296,7 +318,8 @@ def _image_ids(originals: list[CocoId | None]) -> list[CocoId]:
     """The id ``write_coco`` gives each image of these original ids: its own where it
     has one not taken by an earlier image; a fresh one otherwise."""
     with _image_table() as images:
-        images.add([f"{n}.jpg" for n in range(len(originals))], originals)
+        texts = [None if o is None else json.dumps(o) for o in originals]
+        images.add([f"{n}.jpg" for n in range(len(originals))], texts)
         return [image_id for _, image_id in images.names_and_ids()]
 
 
