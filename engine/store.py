@@ -327,10 +327,15 @@ class Store:
     # ------------------------------------------------------------ files
 
     def write_bytes(self, relpath: str, data: bytes) -> None:
-        path = self.path(relpath)
-        self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
-        with self.fs.open(path, "wb") as f:
+        """Write a small file whole: staged, then moved over the old one, so a reader,
+        or a run started again after a kill, never meets it empty or cut short (a round
+        state read while it was being written once stopped a rerun)."""
+        folder, name = posixpath.split(relpath)
+        staged = self.staging_path(folder, name)
+        self.fs.makedirs(posixpath.dirname(staged), exist_ok=True)
+        with self.fs.open(staged, "wb") as f:
             f.write(data)
+        self.publish(folder, [name])
 
     def read_json(self, relpath: str) -> Any:
         """A small JSON file of the store (a state, an index, a score sheet), or None when

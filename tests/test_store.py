@@ -176,3 +176,21 @@ def test_unwritable_store_is_reported(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(Exception, match="not writable"):
         Store(str(blocker / "store")).check_writable()
+
+
+def test_a_small_file_killed_mid_write_leaves_the_old_one_whole(store, monkeypatch):
+    store.write_bytes("rounds/r000/state.json", b'{"round": 0}')
+    open_file = store.fs.open
+
+    def dies_mid_write(path, mode="rb", **kwargs):
+        handle = open_file(path, mode, **kwargs)
+        if "w" in mode:
+            handle.write(b'{"rou')
+            raise KeyboardInterrupt  # the run is killed with half the bytes written
+        return handle
+
+    monkeypatch.setattr(store.fs, "open", dies_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        store.write_bytes("rounds/r000/state.json", b'{"round": 1}')
+    monkeypatch.undo()
+    assert store.read_json("rounds/r000/state.json") == {"round": 0}
