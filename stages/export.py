@@ -84,7 +84,8 @@ def run_export(store: Store, config: EngineConfig, round_number: int) -> StageSu
     shards = write_shard_index(store, layout)
     if config.export.coco:
         members = [member for unit in units for member in unit.members]
-        write_coco(store, dataset, members, layout.coco, shards)
+        made_from = fingerprint("coco", [(unit.key, unit.inputs) for unit in units])
+        write_coco(store, dataset, members, layout.coco, shards, made_from)
     summary.location = store.path(out_dir)
     summary.held = sum(shard["samples"] for shard in shards)
     return summary

@@ -45,6 +45,8 @@ from engine.duck import bounded_connection
 from engine.records import CocoId, ImageRecord, Region, records_from_table
 from engine.store import Store
 
+# The file's marker, under its folder's markers: its size and what it was made from.
+COCO_UNIT = "coco"
 # A unit of the export: its key, and the image ids it exports (None: all of its rows).
 CocoUnit = tuple[str, tuple[str, ...] | None]
 # What coco.json needs of a record: no captions or phrases.
@@ -67,12 +69,20 @@ def write_coco(
     units: list[CocoUnit],
     relpath: str,
     shards: list[dict[str, Any]],
+    inputs: str | None = None,
 ) -> None:
     """Write ``relpath`` for the object regions of ``units`` of ``dataset``, in export
     order. Three passes over the units, one unit read at a time: the images' uris and
     original ids (into DuckDB) and the distinct categories; the images; the annotations.
     The file is written under ``_staging/`` and moved into place, so a reader never
-    meets it half-written."""
+    meets it half-written.
+
+    ``inputs``: what the file is made from (a fingerprint of the export units). It is
+    recorded in a marker after the move, and a file already made from the same is not
+    written again: a rerun of an export that changed nothing reads nothing."""
+    folder, name = posixpath.split(relpath)
+    if inputs is not None and store.is_current(folder, COCO_UNIT, inputs):
+        return
     # (category id as stored, text) of every object region, in order of first appearance.
     stored: dict[tuple[str | None, str], None] = {}
     first_pass = ["image_id", "uri", "coco_image_id", "regions"]
@@ -86,7 +96,6 @@ def write_coco(
             stored.update(dict.fromkeys(zip(ids, texts, strict=True)))
         labels = [(None if i is None else json.loads(i), text) for i, text in stored]
         category_ids, categories = _categories(labels)
-        folder, name = posixpath.split(relpath)
         staged = store.staging_path(folder, name)
         store.fs.makedirs(posixpath.dirname(staged), exist_ok=True)
         with store.fs.open(staged, "w") as out:
@@ -124,7 +133,10 @@ def write_coco(
                     out.write(("," if annotations > 1 else "") + json.dumps(annotation))
             listed = [{"id": i, "name": label} for i, label in categories.items()]
             out.write(f'], "categories": {json.dumps(listed)}}}')
+        size = store.fs.size(staged)
     store.publish(folder, [name])
+    if inputs is not None:
+        store.write_marker(folder, COCO_UNIT, {"part": name, "bytes": size, "inputs": inputs})
 
 
 def _unit_tables(

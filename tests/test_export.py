@@ -169,3 +169,8 @@ def test_shards_span_units_up_to_their_size_and_follow_a_new_size(tmp_path):
     folder = tmp_path / "store/shards/r000"
     assert sorted(os.listdir(folder)) == sorted(d["name"] for d in index["detail"])
     assert sorted(store.committed_units("shards/r000")) == [f"u{unit}" for unit in range(5)]
+    # An export that changes nothing writes nothing, coco.json included.
+    coco = tmp_path / "store/exports/r000/coco.json"
+    written = coco.stat().st_mtime_ns
+    assert export(4) == index
+    assert coco.stat().st_mtime_ns == written
