@@ -88,10 +88,10 @@ def write_coco(
     first_pass = ["image_id", "uri", "coco_image_id", "regions"]
     with _image_table() as images:
         for table in _unit_tables(store, dataset, units, first_pass):
-            images.add(table.column("uri").to_pylist(), table.column("coco_image_id").to_pylist())
+            images.add(table.column("uri").to_pylist(), _values(table, "coco_image_id"))
             regions = pc.list_flatten(table.column("regions"))
             objects = regions.filter(pc.equal(pc.struct_field(regions, "kind"), "object"))
-            ids = pc.struct_field(objects, "category_id").to_pylist()
+            ids = _values(objects, "category_id")
             texts = pc.struct_field(objects, "text").to_pylist()
             stored.update(dict.fromkeys(zip(ids, texts, strict=True)))
         labels = [(None if i is None else json.loads(i), text) for i, text in stored]
@@ -137,6 +137,15 @@ def write_coco(
     store.publish(folder, [name])
     if inputs is not None:
         store.write_marker(folder, COCO_UNIT, {"part": name, "bytes": size, "inputs": inputs})
+
+
+def _values(data: pa.Table | pa.StructArray, name: str) -> list[Any]:
+    """A column (or struct field) as a list; all None where a part written before it
+    was added lacks it, as ``records_from_table`` reads it."""
+    if isinstance(data, pa.Table):
+        return data.column(name).to_pylist() if name in data.column_names else [None] * len(data)
+    names = [data.type.field(i).name for i in range(data.type.num_fields)]
+    return pc.struct_field(data, name).to_pylist() if name in names else [None] * len(data)
 
 
 def _unit_tables(

@@ -159,3 +159,17 @@ def test_fresh_image_ids_never_take_an_original_one(originals, ids):
 def test_file_names_are_the_shortest_tails_that_tell_images_apart():
     uris = ["file:///d/a/x/0.jpg", "file:///d/b/x/0.jpg", "s3://bucket/c/1.jpg", "/d/0.jpg"]
     assert _file_names(uris) == ["a/x/0.jpg", "b/x/0.jpg", "1.jpg", "d/0.jpg"]
+
+
+def test_a_part_written_before_coco_ids_were_kept_still_exports(tmp_path):
+    store = Store(str(tmp_path / "store"))
+    records = [
+        ImageRecord("i0", "file:///in/a.jpg", "folder", 64, 64, "0" * 64,
+                    regions=[Region((0, 0, 4, 4), "cat", "object", "owl", 0.5)]),
+    ]  # fmt: skip
+    old = records_to_table(records, images=[b"\xff\xd8"]).drop_columns(["coco_image_id"])
+    store.commit_unit("u0", {MANIFEST: old})
+    write_coco(store, MANIFEST, [("u0", None)], "coco.json", [])
+    coco = COCO(store.path("coco.json"))
+    assert [(i["id"], i["file_name"]) for i in coco.dataset["images"]] == [(1, "a.jpg")]
+    assert [a["bbox"] for a in coco.dataset["annotations"]] == [[0, 0, 4, 4]]
