@@ -7,8 +7,8 @@ memory of ``stages.export_coco``'s DuckDB work alone, on synthetic uris.
 Two kinds of paths, each size in a fresh process: ``distinct`` (every file name its
 own, half the images with a COCO id) and ``clashing`` (1,000 folders holding the same
 file names, so every name needs its folder). Prints, per kind and size, the peak RSS
-(``VmHWM``) over the process's RSS after imports, and the seconds the names and ids
-took. The records themselves are not involved: write_coco holds one unit of them.
+over the RSS before the call (``bench_scale``'s measure), and the seconds the names and
+ids took. The records themselves are not involved: write_coco holds one unit of them.
 """
 
 from __future__ import annotations
@@ -16,19 +16,14 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_scale import _peak
 
 UNIT = 1_000
-
-
-def _status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def uris(kind: str, start: int) -> list[str]:
@@ -44,19 +39,17 @@ def uris(kind: str, start: int) -> list[str]:
 def measure(kind: str, images: int) -> None:
     from stages.export_coco import _image_table
 
-    baseline = _status_mb("VmRSS")
-    started = time.perf_counter()
-    with _image_table() as table:
-        for start in range(0, images, UNIT):
-            ids = [
-                i if kind == "distinct" and (start // UNIT) % 2 else None
-                for i in range(start, start + UNIT)
-            ]
-            table.add(uris(kind, start), ids)
-        count = sum(1 for _ in table.names_and_ids())
-    assert count == images
-    peak = _status_mb("VmHWM") - baseline
-    print(f"{kind:<9}{images:>10}{peak:>10.1f}{time.perf_counter() - started:>10.1f}", flush=True)
+    def name_every_image() -> None:
+        with _image_table() as table:
+            for start in range(0, images, UNIT):
+                numbered = kind == "distinct" and (start // UNIT) % 2
+                # Ids as the records store them: JSON text.
+                ids = [str(i) if numbered else None for i in range(start, start + UNIT)]
+                table.add(uris(kind, start), ids)
+            assert sum(1 for _ in table.names_and_ids()) == images
+
+    peak = _peak(name_every_image)
+    print(f"{kind:<9}{images:>10}{peak['delta_mb']:>10.1f}{peak['seconds']:>10.1f}", flush=True)
 
 
 def main() -> int:
