@@ -155,9 +155,7 @@ def test_shards_span_units_up_to_their_size_and_follow_a_new_size(tmp_path):
         store.commit_unit(f"u{unit}", {MANIFEST: records_to_table(records, jpgs)})
 
     def export(samples: int) -> dict:
-        config = CONFIG.model_copy(
-            update={"export": CONFIG.export.model_copy(update={"shard_max_samples": samples})}
-        )
+        config = load_config("engine/configs/test.yaml", [f"export.shard_max_samples={samples}"])
         run_export(store, config, 0)
         return json.loads((tmp_path / "store/exports/r000/_index.json").read_text())
 

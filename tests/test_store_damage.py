@@ -143,9 +143,7 @@ def merged_store(tmp_path, ray_cluster):
 def test_export_redoes_a_unit_whose_marker_was_left_empty(merged_store):
     store, layout = merged_store, round_layout(0)
     # A shard per unit of two images, so each unit is an export unit of its own.
-    config = CONFIG.model_copy(
-        update={"export": CONFIG.export.model_copy(update={"shard_max_samples": 2})}
-    )
+    config = load_config("engine/configs/test.yaml", ["export.shard_max_samples=2"])
     assert run_export(store, config, 0).units_run == 2
     index = store.read_json(layout.shard_index)
     write(store, store.marker_path(layout.shards, "u1"), b"")
