@@ -80,38 +80,9 @@ whole records dataset into one Arrow table, and its histograms are Python lists 
 value per caption, image and box. ``round_quality`` turned every dataset of the round
 into Python records, all held at once (26 KB per image).
 
-Since then (the stores record, as ingest's last step does, that their manifest holds
-each image once), ``--rows 100000 1000000``:
-
-  function                    100000   1000000   ratio  verdict  MB/100k rows
-  kept_image_ids_by_unit         0.2       0.4    1.00  flat              0.0
-  ingest.remove_dup             29.2     151.5    5.19  GROWS            13.6
-  ingest.plan_rerun              7.2      62.8    8.70  GROWS             6.2
-  annotate.plan                  0.3       0.6    1.00  flat              0.0
-  merge.plan                     0.4       1.2    1.21  flat              0.1
-  filter.plan                    0.0       0.6    1.00  flat              0.1
-  export.plan                    0.3       0.9    1.00  flat              0.1
-  export.write_coco             38.0     349.4    9.20  GROWS            34.6
-  report.stats                 206.2    1086.1    5.27  GROWS            97.8
-  evaluation.quality             8.2      37.4    4.58  GROWS             3.2
-
-- ingest's last step records the manifest it checked (``record_manifest_checked``);
-  while the manifest is that one, ``kept_image_ids_by_unit`` reads markers alone and the
-  planners' units carry no id lists (a unit's id column is read for its fingerprint, one
-  unit at a time): annotate, merge, filter and export plan in flat memory to 1M rows;
-- ``remove_duplicates`` reads the id column alone unless an id repeats;
-- ``write_coco`` streams: one pass gathers each image's uri and original id and the
-  distinct categories, then images and annotations are written unit by unit (35 KB
-  per 100 images, was 863);
-- the report's statistics read the committed parts in DuckDB (no Arrow table of the
-  records in the driver) and its histograms are counts per value (98 KB per 100
-  images, was 293);
-- ``round_quality`` reads only the truth's images, unit by unit (3 KB per 100 images,
-  was 2,608).
-
-Then the whole-dataset questions moved into DuckDB in bounded memory
-(``engine/duck.py``: a fixed working memory, spilling to local disk) or batch by batch,
-``--rows 100000 1000000``:
+Now (the stores record, as ingest's last step does, that their manifest holds each
+image once; the whole-dataset questions are answered by DuckDB in bounded memory,
+``engine/duck.py``, or batch by batch), ``--rows 100000 1000000``:
 
   function                    100000   1000000   ratio  verdict  MB/100k rows
   kept_image_ids_by_unit         0.1       0.4    1.00  flat              0.0
@@ -125,15 +96,20 @@ Then the whole-dataset questions moved into DuckDB in bounded memory
   report.stats                 153.6     156.7    1.02  flat              0.3
   evaluation.quality             8.4      36.2    4.31  GROWS             3.1
 
+- ingest's last step records the manifest it checked (``record_manifest_checked``);
+  while the manifest is that one, ``kept_image_ids_by_unit`` reads markers alone and the
+  planners' units carry no id lists (a unit's id column is read for its fingerprint, one
+  unit at a time): annotate, merge, filter and export plan in flat memory;
 - ``remove_duplicates`` puts the parts' id columns, 64 parts at a time, into a DuckDB
   table on local disk and groups it there (64 MB); only the units holding a copy are
   read into the driver;
 - ``write_coco``'s names and ids are queries over a DuckDB table of the images' paths
   and original ids (128 MB: its joins over millions of clashing paths need more pinned
   at once). It fills that memory by 1M images and stays there:
-  ``bench_coco_names.py`` measures 217 MB at 1M and 218 at 3M distinct paths, 211 and
-  225 with every file name in 1,000 folders;
-- the report runs every query on 64 parts at a time and adds counts and sums up.
+  ``bench_coco_names.py`` measures 217 MB at 1M and 220 at 3M distinct paths, 212 and
+  226 with every file name in 1,000 folders;
+- the report runs every query on 64 parts at a time and adds counts and sums up;
+- ``round_quality`` reads only the truth's images, unit by unit.
 
 Still O(images): the list of files a folder's committed units read (``plan_rerun``, as
 the folder's own listing is) and evaluation's per-unit filtering of the truth.
