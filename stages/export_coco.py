@@ -201,7 +201,9 @@ class _ImageTable:
     def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
         self.con = con
         self.rows = 0
-        self.settled = False
+        # Set once by ``_settle``, for both passes that read the names and ids.
+        self.fresh_after: tuple[int | None, int | None, bool] = (None, None, False)
+        self.repeated: set[str] | None = None
         # path: the uri without its scheme; starts: where each of its tails begins (after
         # each separator), so the tail of ``depth`` folders is path[starts[-depth]:].
         con.execute(
@@ -226,8 +228,8 @@ class _ImageTable:
         self.rows += len(uris)
 
     def _settle(self) -> None:
-        """Work out, once, each image's file name: ``names``, with ``deeper`` for those
-        whose file name clashes.
+        """Work out, once, each image's file name (``names``, with ``deeper`` for those
+        whose file name clashes) and what its id depends on beyond itself.
 
         A name is the shortest tail of the path, cut at ``/`` or ``#``, that no other
         path has: two paths that share a tail share every shorter one, so only the
@@ -261,12 +263,8 @@ class _ImageTable:
             FROM tails JOIN counted USING (tail) GROUP BY ord
             """
         )
-        self.settled = True
-
-    def names_and_ids(self) -> Iterator[tuple[str, CocoId]]:
-        """Each image's file name and id, in export order."""
-        if not self.settled:
-            self._settle()
+        # Where fresh ids start (``_fresh_ids``' arguments), and the original ids that
+        # more than one image has: the first in export order keeps it.
         [(largest, largest_text, any_original)] = self.con.execute(
             """
             SELECT max(TRY_CAST(original AS HUGEINT)),
@@ -276,15 +274,20 @@ class _ImageTable:
             FROM images
             """
         ).fetchall()
-        fresh = _fresh_ids(largest, largest_text, bool(any_original))
-        # Original ids that more than one image has: the first in export order keeps it.
-        repeated = {
+        self.fresh_after = (largest, largest_text, bool(any_original))
+        self.repeated = {
             original
             for (original,) in self.con.execute(
                 "SELECT original FROM images WHERE original IS NOT NULL "
                 "GROUP BY original HAVING count(*) > 1"
             ).fetchall()
         }
+
+    def names_and_ids(self) -> Iterator[tuple[str, CocoId]]:
+        """Each image's file name and id, in export order."""
+        if self.repeated is None:
+            self._settle()
+        fresh = _fresh_ids(*self.fresh_after)
         seen: set[str] = set()
         rows = _streamed(
             self.con.execute(
@@ -297,7 +300,7 @@ class _ImageTable:
             )
         )
         for name, original in rows:
-            if original in repeated:
+            if original in self.repeated:
                 if original in seen:
                     original = None  # an earlier image keeps it: a fresh id
                 else:
