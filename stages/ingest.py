@@ -266,7 +266,7 @@ def remove_duplicates(store: Store) -> int:
         return 0
     units = store.committed_units(MANIFEST)
     copies = _rows_of_repeated_ids(store, units)
-    if copies.num_rows == 0:  # each image once: the usual answer
+    if copies is None:  # each image once: the usual answer
         record_manifest_checked(store)
         return 0
     rows = copies.select(["image_id", "uri", "sha256", "unit"]).to_pylist()
@@ -294,9 +294,9 @@ def remove_duplicates(store: Store) -> int:
     return len(new)
 
 
-def _rows_of_repeated_ids(store: Store, units: list[str]) -> pa.Table:
+def _rows_of_repeated_ids(store: Store, units: list[str]) -> pa.Table | None:
     """Every manifest row whose image id another row has too, in unit order, with what
-    ``kept_rows`` needs and the unit it is in.
+    ``kept_rows`` needs and the unit it is in; None when every id is there once.
 
     The parts' id columns go, a batch of parts at a time, into a DuckDB table on local
     disk, whose grouping finds the repeated ids in bounded memory (it spills); then only
@@ -314,6 +314,10 @@ def _rows_of_repeated_ids(store: Store, units: list[str]) -> pa.Table:
         repeated = con.execute(
             "SELECT image_id, list(DISTINCT part) FROM ids GROUP BY image_id HAVING count(*) > 1"
         ).fetchall()
+    if not repeated:
+        # Before any Arrow array is built: the first one imports pandas, where it is
+        # installed, which is a quarter of a second of a small ingest.
+        return None
     ids = pa.array([image_id for image_id, _ in repeated], pa.string())
     holders = {unit_of[part] for _, parts in repeated for part in parts}
     columns = ["image_id", "uri", "sha256", "regions", "captions"]
@@ -322,8 +326,6 @@ def _rows_of_repeated_ids(store: Store, units: list[str]) -> pa.Table:
         table = store.read_unit(MANIFEST, unit, columns=columns)
         table = table.filter(pc.is_in(table.column("image_id"), value_set=ids))
         tables.append(table.append_column("unit", pa.array([unit] * table.num_rows, pa.string())))
-    if not tables:
-        return pa.table({"unit": pa.array([], pa.string())})
     return pa.concat_tables(tables)
 
 
