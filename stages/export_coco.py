@@ -59,8 +59,10 @@ _SEPARATOR = re.compile("[/#]")
 # paths need more room pinned at once than a plain grouping (3M paths sharing 1,000 file
 # names failed in 64 MB); the driver's peak stays near 310 MB from 1M images up.
 NAMING_MEMORY = "128MB"
-# Rows fetched from DuckDB at a time while the file is written.
+# Rows fetched from DuckDB at a time while the file is written, and images inserted
+# into it at a time (one insert per unit costs more than the unit when units are small).
 _FETCH_ROWS = 10_000
+_INSERT_ROWS = 10_000
 
 
 def write_coco(
@@ -201,6 +203,8 @@ class _ImageTable:
     def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
         self.con = con
         self.rows = 0
+        self._uris: list[str] = []
+        self._originals: list[str | None] = []
         # Set once by ``_settle``, for both passes that read the names and ids.
         self.fresh_after: tuple[int | None, int | None, bool] = (None, None, False)
         self.repeated: set[str] | None = None
@@ -213,6 +217,14 @@ class _ImageTable:
     def add(self, uris: list[str], originals: list[str | None]) -> None:
         """The next images in export order: their uris, and their original COCO ids as
         the records store them (JSON, so the integer 3 and the string "3" stay two)."""
+        self._uris.extend(uris)
+        self._originals.extend(originals)
+        if len(self._uris) >= _INSERT_ROWS:
+            self._insert()
+
+    def _insert(self) -> None:
+        uris, originals = self._uris, self._originals
+        self._uris, self._originals = [], []
         paths = [uri.split("://", 1)[-1] for uri in uris]
         batch = pa.table(
             {
@@ -237,6 +249,7 @@ class _ImageTable:
         at which its tail is its own, else its deepest (two equal paths, one file
         ingested again after it changed, keep one name). Tables are made by queries,
         never updated in place, so every step can spill to disk."""
+        self._insert()
         tail = (
             "CASE WHEN len(starts) = 0 THEN path ELSE path[starts[len(starts) - {d} + 1] + 1:] END"
         )

@@ -14,6 +14,7 @@ from engine.config import load_config
 from engine.layout import MANIFEST
 from engine.records import ImageRecord, Region, records_to_table
 from engine.store import Store
+from stages import export_coco
 from stages.export import run_export
 from stages.export_coco import _file_names, _image_ids, write_coco
 from stages.ingest import plan_ingest, run_ingest
@@ -173,3 +174,25 @@ def test_a_part_written_before_coco_ids_were_kept_still_exports(tmp_path):
     coco = COCO(store.path("coco.json"))
     assert [(i["id"], i["file_name"]) for i in coco.dataset["images"]] == [(1, "a.jpg")]
     assert [a["bbox"] for a in coco.dataset["annotations"]] == [[0, 0, 4, 4]]
+
+
+def test_images_inserted_a_few_at_a_time_get_the_same_names_and_ids(tmp_path, monkeypatch):
+    store = Store(str(tmp_path / "store"))
+    for unit, (folder, first_id) in enumerate([("a", 7), ("b", 7), ("c", None)]):
+        records = [
+            ImageRecord(f"{folder}{n}", f"file:///in/{folder}/{n}.jpg", "coco", 64, 64,
+                        "0" * 64, coco_image_id=None if first_id is None else first_id + n)
+            for n in range(3)
+        ]  # fmt: skip
+        store.commit_unit(f"u{unit}", {MANIFEST: records_to_table(records, [b"\xff\xd8"] * 3)})
+    units = [(f"u{n}", None) for n in range(3)]
+    write_coco(store, MANIFEST, units, "whole.json", [])
+    monkeypatch.setattr(export_coco, "_INSERT_ROWS", 2)
+    write_coco(store, MANIFEST, units, "batched.json", [])
+    whole, batched = (
+        json.loads(store.fs.cat(store.path(name))) for name in ("whole.json", "batched.json")
+    )
+    assert batched == whole
+    assert [(i["id"], i["file_name"]) for i in whole["images"]][2:5] == [
+        (9, "a/2.jpg"), (10, "b/0.jpg"), (11, "b/1.jpg")
+    ]  # fmt: skip
