@@ -6,7 +6,10 @@ Generates JPEG photos-like images (gradients, shapes, noise), then measures on t
 files, in one run:
   engine CLI `python -m engine.run --stage ingest`, then `--stage export`, cold, as a user
              runs them: interpreter start, imports, planning, the units (in local
-             processes when they are few, ``ray.local_max_units``, else on Ray), commits
+             processes when they are few, ``ray.local_max_units``, else on Ray), commits;
+             with the default config (units of 256 images, shards of 1,000), and with
+             the demo's (``engine/configs/demo.yaml``: units of 16, made for its 20
+             images), whose 125 units show what a unit costs
   engine     `ingest` then `export` on embedded Ray, twice: a first run (worker processes
              start and import the stages) and a warm one (Ray start-up reported apart)
   plain loop one process: read, hash, PIL decode, tarfile write of jpg + json
@@ -97,11 +100,12 @@ def plain_loop(files: list[Path], out: Path) -> float:
     return time.perf_counter() - started
 
 
-def engine_cli(folder: Path, tmp: Path, cores: int) -> float:
-    """Seconds for the two commands a user types, each a fresh process."""
+def engine_cli(folder: Path, tmp: Path, cores: int, config: Path | None = None) -> float:
+    """Seconds for the two commands a user types, each a fresh process, with ``config``
+    (None: the defaults)."""
     store = tmp / "store"
     common = [
-        "--config", str(DEMO_CONFIG), "--store", str(store),
+        *(["--config", str(config)] if config else []), "--store", str(store),
         f"ray.num_cpus={cores}", "export.shard_max_samples=1000",
     ]  # fmt: skip
     started = time.perf_counter()
@@ -179,11 +183,14 @@ def main() -> None:
         raw_decode(files[:50])  # warm the page cache and PIL's codecs for every contender
 
         raw_s = raw_decode(files)
-        plain, cli = [], []
+        plain, cli, cli_demo = [], [], []
         for run in range(args.repeat):
             plain.append(plain_loop(files, Path(tmp) / "plain.tar"))
             cli.append(engine_cli(folder, Path(tmp) / f"cli-{run}", args.cores))
+            demo_tmp = Path(tmp) / f"cli-demo-{run}"
+            cli_demo.append(engine_cli(folder, demo_tmp, args.cores, DEMO_CONFIG))
         plain_s, cli_s = statistics.median(plain), statistics.median(cli)
+        demo_s = statistics.median(cli_demo)
         other_s = img2dataset(files, Path(tmp), args.cores)
         cold_s, warm_s, ray_start_s = engine(folder, Path(tmp), args.cores)
 
@@ -192,6 +199,7 @@ def main() -> None:
         "raw PIL decode (1 process)": n / raw_s,
         "plain PIL + tarfile loop (1 process)": n / plain_s,
         f"engine CLI ingest + export, cold ({args.cores} cores)": n / cli_s,
+        "  the same, demo config (units of 16)": n / demo_s,
         f"engine, first run (Ray, {args.cores} cores)": n / cold_s,
         f"engine, warm workers (Ray, {args.cores} cores)": n / warm_s,
     }
@@ -206,7 +214,8 @@ def main() -> None:
         )
     ratios = sorted(p / c for p, c in zip(plain, cli, strict=True))
     print(f"  engine CLI, cold: {plain_s / cli_s:.2f} x plain loop (median of {args.repeat}; "
-          f"runs {', '.join(f'{r:.2f}' for r in ratios)})")  # fmt: skip
+          f"runs {', '.join(f'{r:.2f}' for r in ratios)}); "
+          f"demo config: {plain_s / demo_s:.2f} x")  # fmt: skip
     if other_s is not None:
         print(f"  img2dataset: {n / other_s:.1f} images/s, {plain_s / other_s:.2f} x plain loop")
     print(f"  (Ray start-up, excluded above: {ray_start_s:.1f}s)")
