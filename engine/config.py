@@ -258,6 +258,21 @@ class TowerConfig(_Section):
     log_every: int = Field(default=50, ge=1)
 
 
+class AugmentConfig(_Section):
+    """Random crops (each holding every object whole) and mirrors of the images of the
+    student's ``<OD>`` and ``<REGION_PROPOSAL>`` examples, the boxes moved with them
+    (refinement/augment.py): on a round of a thousand images a small student otherwise
+    learns its box targets by heart.
+
+    ``probability``: of an example being moved; ``min_scale``: the crop's shortest side
+    as a share of the image's (where the objects leave room for it); ``flip``: mirror
+    half of the moved images."""
+
+    probability: float = Field(default=0.8, ge=0, le=1)
+    min_scale: float = Field(default=0.6, gt=0, le=1)
+    flip: bool = True
+
+
 class StudentConfig(_Section):
     """The Florence-2 student a refinement round trains on the previous round's shards
     (refinement/student.py). Initialised from the previous round's model when there is
@@ -269,6 +284,8 @@ class StudentConfig(_Section):
     tiny: TinyModelConfig | None = None
     # A tiny student's tower is first pretrained on the round's boxes when this is set.
     tower: TowerConfig | None = None
+    # Box tasks' images cropped and mirrored, their boxes moved with them, when set.
+    augment: AugmentConfig | None = None
     # Florence-2 tasks to train on (refinement/targets.py writes their targets).
     tasks: list[str] = ["<OD>", "<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>"]
     steps: int = Field(default=1000, ge=1)

@@ -160,7 +160,7 @@ class StudentTraining:
         c = self.config
         return ExampleStream(
             self.shards, c.tasks, c.holdout_fraction, c.seed, self.rank, self.world_size,
-            epoch, consumed, self.validation_fraction,
+            epoch, consumed, self.validation_fraction, c.augment,
         )  # fmt: skip
 
     def _lr_factor(self, step: int) -> float:

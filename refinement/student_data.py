@@ -24,9 +24,11 @@ from typing import Any
 import torch
 from PIL import Image
 
+from engine.config import AugmentConfig
 from engine.records import ImageRecord
 from engine.train.data import ReadStats, shard_records
 from engine.train.stream import is_held_out
+from refinement.augment import augment
 from refinement.targets import florence2_targets
 
 # Examples drawn at random from this many read ahead: shards are written in unit order,
@@ -49,6 +51,8 @@ class Example:
     target: str
     # Held out for the merge policy (``is_validation``): never trained on.
     validation: bool = False
+    # What the target was written from, so an augmentation can write it again.
+    record: ImageRecord | None = None
 
 
 def shard_examples(
@@ -63,8 +67,9 @@ def shard_examples(
                 if target.task in wanted:
                     prompt = target.task + (target.input or "")
                     yield Example(
-                        record.image_id, jpeg, target.task, prompt, target.target, validation
-                    )
+                        record.image_id, jpeg, target.task, prompt, target.target, validation,
+                        record,
+                    )  # fmt: skip
 
 
 def held_out_examples(
@@ -102,6 +107,7 @@ class ExampleStream:
         epoch: int = 0,
         consumed: int = 0,
         validation_fraction: float = 0.0,
+        augment: AugmentConfig | None = None,
     ) -> None:
         self.urls = list(urls)[rank::world_size]
         if not self.urls:
@@ -110,7 +116,7 @@ class ExampleStream:
                 "use fewer workers or smaller shards"
             )
         self.tasks, self.holdout_fraction = list(tasks), holdout_fraction
-        self.validation_fraction = validation_fraction
+        self.validation_fraction, self.augment = validation_fraction, augment
         self.seed, self.rank = seed, rank
         self.epoch, self.consumed = epoch, 0
         self.stats = ReadStats()
@@ -148,7 +154,15 @@ class ExampleStream:
         )
 
     def take(self, count: int) -> list[Example]:
-        return [self._next() for _ in range(count)]
+        return [self._augmented(self._next()) for _ in range(count)]
+
+    def _augmented(self, example: Example) -> Example:
+        """The example moved by ``augment``, drawn from its place in the stream: a
+        stream rebuilt at a saved position moves the next examples alike."""
+        if self.augment is None:
+            return example
+        rng = random.Random(f"{self.seed}/{self.rank}/{self.epoch}/{self.consumed}/augment")
+        return augment(example, self.augment, rng)
 
 
 def encode(processor: Any, examples: Sequence[Example], max_target_tokens: int) -> dict:

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from transformers import Florence2ForConditionalGeneration, Florence2Processor
 
-from engine.config import StudentConfig, TowerConfig, load_config
+from engine.config import AugmentConfig, StudentConfig, TowerConfig, load_config
 from engine.layout import MANIFEST, round_layout
 from engine.records import records_from_table
 from engine.round_state import commit_round
@@ -79,8 +79,9 @@ def test_a_new_tiny_student_pretrains_its_tower_first_and_a_resumed_one_does_not
     assert all(torch.equal(p, weights[n]) for n, p in resumed.model.named_parameters())
 
 
-def test_a_resumed_training_continues_with_the_same_losses_and_weights(world):
-    config = student_config(steps=6)
+@pytest.mark.parametrize("augment", [None, AugmentConfig(probability=1.0)])
+def test_a_resumed_training_continues_with_the_same_losses_and_weights(world, augment):
+    config = student_config(steps=6, augment=augment)
     straight = StudentTraining(config, shard_urls(world), "tiny")
     for _ in range(6):
         straight.train_step()

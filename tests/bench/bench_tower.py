@@ -22,7 +22,9 @@ by default).
   ``--config`` sets it), ``tower+ordinal`` (and the ``<loc_i>`` embeddings, which
   Florence-2 ties to its output layer, set to a smooth code of the bin) and ``tower+ovd``
   (and ``<OPEN_VOCABULARY_DETECTION>`` trained beside ``<OD>``: given a label, its boxes)
-  and ``tower+frozen`` (the pretrained tower frozen while the student trains).
+  and ``tower+frozen`` (the pretrained tower frozen while the student trains);
+  ``+aug`` adds the box-moving crops and mirrors of ``refine.student.augment``
+  (``AugmentConfig``'s defaults).
   At each of ``--curve`` steps, prints the image check on held-out examples and the AP50
   of greedy ``<OD>`` on held-out images (parsed by ``processor.post_process_generation``,
   scored by ``refinement.metrics.evaluate``), class-agnostic and by category, and for
@@ -65,7 +67,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from engine.config import StudentConfig, TowerConfig, load_config
+from engine.config import AugmentConfig, StudentConfig, TowerConfig, load_config
 from engine.records import ImageRecord, Region
 from engine.train.config import TinyModelConfig
 from engine.train.data import ReadStats
@@ -162,7 +164,10 @@ def predictions(
     ]
 
 
-VARIANTS = ("random-tower", "tower", "tower+ordinal", "tower+ovd", "tower+frozen")
+VARIANTS = (
+    "random-tower", "tower", "tower+ordinal", "tower+ovd", "tower+frozen", "tower+aug",
+    "tower+frozen+aug",
+)  # fmt: skip
 # What each variant trains on, beside <OD>.
 EXTRA_TASKS = {"tower+ovd": ["<OPEN_VOCABULARY_DETECTION>"]}
 OVD = "<OPEN_VOCABULARY_DETECTION>"
@@ -206,8 +211,11 @@ def student_part(
     student = student.model_copy(update={"steps": max(curve)})
     for variant in variants:
         tasks = student.tasks + EXTRA_TASKS.get(variant, [])
-        frozen = variant == "tower+frozen"
-        config = student.model_copy(update={"tasks": tasks, "freeze_vision": frozen})
+        parts = variant.split("+")
+        augment = AugmentConfig() if "aug" in parts else None
+        config = student.model_copy(
+            update={"tasks": tasks, "freeze_vision": "frozen" in parts, "augment": augment}
+        )
         training = StudentTraining(config, shards, "tiny")
         if variant != "random-tower":
             # In place, before the first student step: the student's optimizer holds the
