@@ -182,7 +182,10 @@ def main() -> int:
         else:
             note_round_start(work, number)
             request = Request(config, store, number)
-            steps = [STEPS["refine"], evaluate_step(scored_truth), STEPS["report"]]
+            # Refine holds the store's lease itself, between its steps; the steps after
+            # it run under the lease of a run of their own, as a second command would.
+            execute(plan([STEPS["refine"]], request), request)
+            steps = [evaluate_step(scored_truth), STEPS["report"]]
             execute(plan(steps, request), request)
         layout = round_layout(number)
         quality = store.read_json(layout.quality)
