@@ -18,16 +18,13 @@ from __future__ import annotations
 import io
 import math
 import random
-from dataclasses import replace
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, replace
 
 from PIL import Image, ImageOps
 
 from engine.config import AugmentConfig
+from engine.records import ImageRecord
 from refinement.targets import florence2_targets
-
-if TYPE_CHECKING:
-    from refinement.student_data import Example
 
 AUGMENTED_TASKS = frozenset({"<OD>", "<REGION_PROPOSAL>"})
 # The regions the augmented targets are made of.
@@ -36,18 +33,27 @@ _BOX_KINDS = ("object", "proposal")
 _JPEG_QUALITY = 95
 
 
-def augment(example: Example, config: AugmentConfig, rng: random.Random) -> Example:
-    """``example`` cropped and mirrored at random (``config``), its target written for the
-    moved boxes; the example itself when its task is not moved or the draw says no."""
-    if example.task not in AUGMENTED_TASKS or example.record is None:
-        return example
-    if rng.random() >= config.probability:
-        return example
-    record = example.record
+@dataclass(frozen=True, slots=True)
+class Moved:
+    """An image moved by ``augment``: its JPEG, the task's target for it, and the record
+    the target was written from."""
+
+    jpeg: bytes
+    target: str
+    record: ImageRecord
+
+
+def augment(
+    record: ImageRecord, jpeg: bytes, task: str, config: AugmentConfig, rng: random.Random
+) -> Moved | None:
+    """The image cropped and mirrored at random (``config``), with ``task``'s target
+    written for the moved boxes; None where the task is not moved or the draw says no."""
+    if task not in AUGMENTED_TASKS or rng.random() >= config.probability:
+        return None
     boxes = [r for r in record.regions if r.kind in _BOX_KINDS]
     if not boxes:
-        return example
-    image = Image.open(io.BytesIO(example.jpeg)).convert("RGB")
+        return None
+    image = Image.open(io.BytesIO(jpeg)).convert("RGB")
     # Boxes are in the record's pixels; the shard's JPEG is the same image.
     width, height = image.size
     left, right = _span(
@@ -67,15 +73,15 @@ def augment(example: Example, config: AugmentConfig, rng: random.Random) -> Exam
     cropped = replace(
         record, width=crop_width, height=bottom - top, regions=regions, captions={}, phrases=[]
     )
-    target = next((t for t in florence2_targets(cropped) if t.task == example.task), None)
+    target = next((t for t in florence2_targets(cropped) if t.task == task), None)
     if target is None:
-        return example
+        return None
     picture = image.crop((left, top, right, bottom))
     if mirror:
         picture = ImageOps.mirror(picture)
     out = io.BytesIO()
     picture.save(out, format="JPEG", quality=_JPEG_QUALITY)
-    return replace(example, jpeg=out.getvalue(), target=target.target, record=cropped)
+    return Moved(out.getvalue(), target.target, cropped)
 
 
 def _span(

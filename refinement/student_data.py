@@ -18,7 +18,7 @@ from __future__ import annotations
 import io
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -161,8 +161,13 @@ class ExampleStream:
         stream rebuilt at a saved position moves the next examples alike."""
         if self.augment is None:
             return example
+        if example.record is None:
+            return example
         rng = random.Random(f"{self.seed}/{self.rank}/{self.epoch}/{self.consumed}/augment")
-        return augment(example, self.augment, rng)
+        moved = augment(example.record, example.jpeg, example.task, self.augment, rng)
+        if moved is None:
+            return example
+        return replace(example, jpeg=moved.jpeg, target=moved.target, record=moved.record)
 
 
 def encode(processor: Any, examples: Sequence[Example], max_target_tokens: int) -> dict:

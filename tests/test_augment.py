@@ -13,7 +13,7 @@ from PIL import Image
 
 from engine.config import AugmentConfig
 from engine.records import Caption, ImageRecord, Region
-from refinement.augment import augment
+from refinement.augment import Moved, augment
 from refinement.student_data import Example, ExampleStream
 from refinement.targets import dequantise, florence2_targets
 from tests.world_shards import exported_world, shard_urls
@@ -36,6 +36,12 @@ def painted_example(task: str) -> Example:
     return Example("i", out.getvalue(), task, task, target.target, record=record)
 
 
+def moved_example(example: Example, config: AugmentConfig, seed: int) -> Moved:
+    moved = augment(example.record, example.jpeg, example.task, config, random.Random(seed))
+    assert moved is not None
+    return moved
+
+
 def parsed_boxes(target: str, width: int, height: int) -> dict[str, list[float]]:
     found = re.findall(r"([a-z]+)<loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)>", target)
     sizes = (width, height, width, height)
@@ -55,7 +61,7 @@ def painted_box(image: Image.Image, colour: tuple[int, int, int]) -> list[int]:
 def test_moved_boxes_are_where_the_objects_are_in_the_moved_image(seed):
     example = painted_example("<OD>")
     config = AugmentConfig(probability=1.0, min_scale=0.3)
-    moved = augment(example, config, random.Random(seed))
+    moved = moved_example(example, config, seed)
     image = Image.open(io.BytesIO(moved.jpeg))
     assert image.size == (moved.record.width, moved.record.height)
     assert image.size != (200, 140) or moved.target != example.target
@@ -70,7 +76,7 @@ def test_moved_boxes_are_where_the_objects_are_in_the_moved_image(seed):
 def test_mirrors_and_crops_both_happen_and_other_tasks_are_left_alone():
     example = painted_example("<OD>")
     config = AugmentConfig(probability=1.0, min_scale=0.3)
-    moved = [augment(example, config, random.Random(seed)) for seed in range(20)]
+    moved = [moved_example(example, config, seed) for seed in range(20)]
     red_left_of_blue = [
         (b := parsed_boxes(m.target, m.record.width, m.record.height))["red"][0] < b["blue"][0]
         for m in moved
@@ -78,9 +84,9 @@ def test_mirrors_and_crops_both_happen_and_other_tasks_are_left_alone():
     assert any(red_left_of_blue) and not all(red_left_of_blue)
     assert len({(m.record.width, m.record.height) for m in moved}) > 1
     caption = painted_example("<CAPTION>")
-    assert augment(caption, config, random.Random(0)) is caption
+    assert augment(caption.record, caption.jpeg, caption.task, config, random.Random(0)) is None
     never = AugmentConfig(probability=0.0)
-    assert augment(example, never, random.Random(0)) is example
+    assert augment(example.record, example.jpeg, example.task, never, random.Random(0)) is None
 
 
 def test_a_resumed_stream_moves_its_examples_alike(tmp_path):
