@@ -28,9 +28,12 @@ class TinyModelConfig(_Section):
     hidden_size: int = Field(default=64, ge=8)
     layers: int = Field(default=2, ge=1)
     heads: int = Field(default=4, ge=1)
-    # Vision tower only: the square input side. DaViT downsamples by 32, so 64 px gives
-    # a 2x2 grid plus Florence-2's pooled token: 5 visual tokens.
+    # Vision tower only: the square input side. DaViT downsamples by ``vision_stride``
+    # (32 as released), so 64 px gives a 2x2 grid plus Florence-2's pooled token: 5
+    # visual tokens. A stride of 16 or 8 (the last stages' patch strides set to 1) gives
+    # a small image a finer grid to point boxes with, at the cost of more tokens.
     image_size: int = Field(default=64, ge=32)
+    vision_stride: Literal[8, 16, 32] = 32
     seed: int = 0
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -139,7 +140,7 @@ def _florence2_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return train_byte_level_bpe(FLORENCE2_CORPUS, BART_SPECIAL_TOKENS, _FLORENCE2_BPE_VOCAB_SIZE)
 
 
-def florence2_image_tokens(image_size: int) -> int:
+def florence2_image_tokens(image_size: int, stride: int = 32) -> int:
     """Visual tokens Florence-2 makes of an ``image_size`` square.
 
     DaViT with its default patch strides (4, 2, 2, 2) downsamples by 32; the projector adds
@@ -147,11 +148,24 @@ def florence2_image_tokens(image_size: int) -> int:
     """
     if image_size % 32:
         raise ValueError(f"image_size must be a multiple of 32 (DaViT's stride), got {image_size}")
-    return (image_size // 32) ** 2 + 1
+    return (image_size // stride) ** 2 + 1
 
 
-def build_tiny_florence2_processor(image_size: int = 64) -> Florence2Processor:
-    """A real ``Florence2Processor`` for ``image_size`` squares with a locally trained BPE."""
+def vision_patch_strides(stride: int) -> list[int]:
+    """DaViT's per-stage patch strides for a total ``stride``: the released (4, 2, 2, 2)
+    with the last stages' downsampling dropped, so every stage keeps its own width."""
+    strides = [4, 2, 2, 2]
+    for stage in (3, 2):
+        if math.prod(strides) > stride:
+            strides[stage] = 1
+    if math.prod(strides) != stride:
+        raise ValueError(f"a DaViT stride of {stride} is not one of 8, 16, 32")
+    return strides
+
+
+def build_tiny_florence2_processor(image_size: int = 64, stride: int = 32) -> Florence2Processor:
+    """A real ``Florence2Processor`` for ``image_size`` squares with a locally trained BPE,
+    for a tower that downsamples by ``stride``."""
     vocab, merges = _florence2_bpe()
     tokenizer = BartTokenizer(
         vocab=dict(vocab),
@@ -167,7 +181,7 @@ def build_tiny_florence2_processor(image_size: int = 64) -> Florence2Processor:
         do_center_crop=False,
         image_mean=[0.485, 0.456, 0.406],
         image_std=[0.229, 0.224, 0.225],
-        image_seq_length=florence2_image_tokens(image_size),
+        image_seq_length=florence2_image_tokens(image_size, stride),
     )
     return Florence2Processor(
         image_processor=image_processor,
@@ -192,7 +206,7 @@ def build_tiny_florence2(
     d, heads = cfg.hidden_size, cfg.heads
     if d % (4 * heads):
         raise ValueError(f"hidden_size ({d}) must be a multiple of 4 * heads ({4 * heads})")
-    processor = build_tiny_florence2_processor(cfg.image_size)
+    processor = build_tiny_florence2_processor(cfg.image_size, cfg.vision_stride)
     tokenizer = processor.tokenizer
     stage_heads = [max(1, heads // 2)] * 2 + [heads] * 2
     vision = Florence2VisionConfig(
@@ -201,6 +215,7 @@ def build_tiny_florence2(
         num_heads=stage_heads,
         num_groups=stage_heads,
         window_size=2,
+        patch_stride=vision_patch_strides(cfg.vision_stride),
         projection_dim=d,
         drop_path_rate=0.0,
     )
@@ -214,7 +229,9 @@ def build_tiny_florence2(
         encoder_ffn_dim=2 * d,
         decoder_ffn_dim=2 * d,
         # Room for the visual tokens plus a prompt of a hundred-odd tokens.
-        max_position_embeddings=max(256, florence2_image_tokens(cfg.image_size) + 128),
+        max_position_embeddings=max(
+            256, florence2_image_tokens(cfg.image_size, cfg.vision_stride) + 128
+        ),
         dropout=0.0,
         bos_token_id=tokenizer.bos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -5,7 +5,8 @@ for a tiny student's ``<OD>``.
     OMP_NUM_THREADS=1 .venv/bin/python tests/bench/bench_tower.py --part student --minutes 3
     OMP_NUM_THREADS=1 .venv/bin/python tests/bench/bench_tower.py --part student \
         --config engine/configs/flywheel.yaml --images 1000 --seed 5 --holdout 0.1 \
-        --variants tower tower+ovd --curve 1000 2000 3000
+        --variants tower tower+ovd --curve 1000 2000 3000 \
+        [--set refine.student.tiny.vision_stride=16]
 
 Generates and exports a fresh world of ``--images`` images (``tests/world_shards.py``) and
 builds the student's tiny Florence-2 (``--image-size``, ``--hidden``; the demo's student
@@ -300,6 +301,10 @@ def main() -> int:
     parser.add_argument(
         "--config", help="student and tower from this config's refine.student (tasks: <OD>)"
     )
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE",
+        help="overrides of --config, e.g. refine.student.tiny.vision_stride=16",
+    )  # fmt: skip
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS[:2]))
     parser.add_argument(
         "--curve", type=int, nargs="+", help="student steps to score at (default --student-steps)"
@@ -309,7 +314,7 @@ def main() -> int:
     torch.set_num_threads(1)
 
     if args.config:
-        configured = load_config(args.config).refine.student
+        configured = load_config(args.config, args.set).refine.student
         student = configured.model_copy(
             update={"tasks": ["<OD>"], "holdout_fraction": args.holdout}
         )
