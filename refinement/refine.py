@@ -64,10 +64,11 @@ def student_annotators(config: EngineConfig, model_url: str) -> list[SpecialistC
 
 
 def split_units(store: Store, parent: int) -> tuple[set[str], set[str]]:
-    """The manifest's units as (known to round ``parent``, ingested since it was made).
-    A committed round has exported every unit it had, so its export is the record."""
+    """The manifest's units as (known to round ``parent``, ingested since it was made):
+    those its records hold (``records_dataset``, what the round merges onto), and the
+    rest. Not its export's units: a shard is cut from a run of units, under the first."""
     manifest = set(store.committed_units(MANIFEST))
-    known = manifest & set(store.committed_units(round_layout(parent).shards))
+    known = manifest & set(store.committed_units(records_dataset(store, parent)))
     return known, manifest - known
 
 

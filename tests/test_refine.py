@@ -13,6 +13,7 @@ from engine.round_state import committed_rounds, read_round_state
 from engine.run import main
 from engine.world import render_image
 from refinement.policy import read_policy
+from refinement.refine import split_units
 from tests.world_shards import exported_world, refine_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -119,3 +120,18 @@ def test_refine_is_refused_before_any_work(tmp_path, capsys):
         main(["--stage", "refine", "--store", empty, "--config", refine_config(tmp_path, 0)]) == 2
     )
     assert "run --stage all first" in capsys.readouterr().err
+
+
+def test_units_known_to_a_round_are_those_its_records_hold_not_its_shards(tmp_path):
+    """Export cuts a shard from a run of units, committed under the run's first unit: a
+    refine that took the shards' units for the round's would annotate the others again
+    as if they were new."""
+    store = exported_world(tmp_path, images=12, seed=7, unit=4)  # three units, round 0
+    layout = round_layout(0)
+    for unit in store.committed_units(MANIFEST):
+        store.commit_unit(unit, {layout.filtered: store.read_unit(MANIFEST, unit)})
+    for unit in store.committed_units(layout.shards)[1:]:
+        store.remove_unit(layout.shards, unit)  # one shard made of all three units
+    add_new_images(store, 2)
+    known, fresh = split_units(store, 0)
+    assert (sorted(known), fresh) == (["u000", "u004", "u008"], {"u900"})
