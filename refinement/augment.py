@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from PIL import Image, ImageOps
 
 from engine.config import AugmentConfig
+from engine.geometry import all_finite
 from engine.records import ImageRecord
 from refinement.targets import florence2_targets
 
@@ -51,11 +52,13 @@ def augment(
     if task not in AUGMENTED_TASKS or rng.random() >= config.probability:
         return None
     boxes = [r for r in record.regions if r.kind in _BOX_KINDS]
-    if not boxes:
+    # A box the crop cannot hold whole (not finite, or upside down) is left as it is.
+    if not boxes or not all(_upright(r.box) for r in boxes):
         return None
     image = Image.open(io.BytesIO(jpeg)).convert("RGB")
-    # Boxes are in the record's pixels; the shard's JPEG is the same image.
     width, height = image.size
+    if (width, height) != (record.width, record.height):
+        return None  # boxes are in the record's pixels: no crop of another size holds them
     left, right = _span(
         min(r.box[0] for r in boxes), max(r.box[2] for r in boxes), width, config, rng
     )
@@ -82,6 +85,11 @@ def augment(
     out = io.BytesIO()
     picture.save(out, format="JPEG", quality=_JPEG_QUALITY)
     return Moved(out.getvalue(), target.target, cropped)
+
+
+def _upright(box: tuple[float, ...]) -> bool:
+    x0, y0, x1, y1 = box
+    return all_finite(box) and x0 <= x1 and y0 <= y1
 
 
 def _span(

@@ -3,6 +3,7 @@ moved image, and a resumed stream moves its examples as one that never stopped."
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import random
 import re
@@ -87,6 +88,21 @@ def test_mirrors_and_crops_both_happen_and_other_tasks_are_left_alone():
     assert augment(caption.record, caption.jpeg, caption.task, config, random.Random(0)) is None
     never = AugmentConfig(probability=0.0)
     assert augment(example.record, example.jpeg, example.task, never, random.Random(0)) is None
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"regions": [Region((30, 20, float("nan"), 50), "red", "object", "world")]},
+        {"regions": [Region((70, 20, 30, 50), "red", "object", "world")]},  # upside down
+        {"width": 100, "height": 70},  # not the JPEG's size
+    ],
+)
+def test_an_example_the_crop_cannot_hold_whole_is_left_as_it_is(change):
+    example = painted_example("<OD>")
+    record = dataclasses.replace(example.record, **change)
+    config = AugmentConfig(probability=1.0)
+    assert augment(record, example.jpeg, "<OD>", config, random.Random(0)) is None
 
 
 def test_a_resumed_stream_moves_its_examples_alike(tmp_path):

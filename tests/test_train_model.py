@@ -268,11 +268,15 @@ def test_tiny_tokenizer_chat_template_uses_single_role_tokens():
     assert tokenizer.decode(tokenizer("héllo, wörld 42")["input_ids"]) == "héllo, wörld 42"
 
 
-@pytest.mark.parametrize(("stride", "grid"), [(32, 2), (16, 4), (8, 8)])
-def test_a_finer_vision_stride_gives_a_finer_grid_of_visual_tokens(stride, grid):
-    config = TinyModelConfig(hidden_size=32, layers=1, heads=2, image_size=64, vision_stride=stride)
+@pytest.mark.parametrize(
+    ("size", "stride", "grid"), [(64, 32, 2), (64, 16, 4), (64, 8, 8), (448, 8, 56)]
+)
+def test_a_finer_vision_stride_gives_a_finer_grid_of_visual_tokens(size, stride, grid):
+    config = TinyModelConfig(
+        hidden_size=32, layers=1, heads=2, image_size=size, vision_stride=stride
+    )
     model, processor = build_tiny_florence2(config)
-    inputs = processor(text=["<OD>"], images=[Image.new("RGB", (64, 64))], return_tensors="pt")
+    inputs = processor(text=["<OD>"], images=[Image.new("RGB", (size, size))], return_tensors="pt")
     image_tokens = int((inputs["input_ids"] == model.config.image_token_id).sum())
     assert image_tokens == grid * grid + 1  # the grid and Florence-2's pooled token
     with torch.no_grad():

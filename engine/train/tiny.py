@@ -148,6 +148,7 @@ def florence2_image_tokens(image_size: int, stride: int = 32) -> int:
     """
     if image_size % 32:
         raise ValueError(f"image_size must be a multiple of 32 (DaViT's stride), got {image_size}")
+    vision_patch_strides(stride)  # one of the strides the tower can have
     return (image_size // stride) ** 2 + 1
 
 
@@ -197,7 +198,8 @@ def build_tiny_florence2(
 
     Sizes: the BART encoder-decoder has ``cfg.layers`` layers each side, width
     ``cfg.hidden_size`` and ``cfg.heads`` heads; DaViT keeps its four stages (one block each)
-    with widths ``hidden_size * (1/4, 1/4, 1/2, 1/2)`` and its default strides, and projects
+    with widths ``hidden_size * (1/4, 1/4, 1/2, 1/2)`` and strides making ``cfg.vision_stride``
+    (``vision_patch_strides``), and projects
     to ``hidden_size``, the width of the depth and breadth features. ``hidden_size`` must be
     a multiple of ``4 * heads`` so that every stage splits evenly into heads. Dropout is off,
     so a few examples are learnt in a few dozen steps. The model is returned in eval mode;
@@ -216,6 +218,8 @@ def build_tiny_florence2(
         num_groups=stage_heads,
         window_size=2,
         patch_stride=vision_patch_strides(cfg.vision_stride),
+        # A learned position per row and column of the grid: 50 as released (768 px).
+        max_position_embeddings=max(50, cfg.image_size // cfg.vision_stride),
         projection_dim=d,
         drop_path_rate=0.0,
     )
