@@ -64,11 +64,24 @@ def student_annotators(config: EngineConfig, model_url: str) -> list[SpecialistC
 
 
 def split_units(store: Store, parent: int) -> tuple[set[str], set[str]]:
-    """The manifest's units as (known to round ``parent``, ingested since it was made):
-    those its records hold (``records_dataset``, what the round merges onto), and the
-    rest. Not its export's units: a shard is cut from a run of units, under the first."""
+    """The manifest's units as (known to round ``parent``, ingested since it was made).
+
+    Known: the units its records hold (``records_dataset``, what the round merges onto);
+    for a round of ingest and export alone, the units its shards were cut from (an
+    export unit's marker lists them: a shard spans a run of units, committed under the
+    first; a marker written before shards spanned units is its one unit)."""
     manifest = set(store.committed_units(MANIFEST))
-    known = manifest & set(store.committed_units(records_dataset(store, parent)))
+    dataset = records_dataset(store, parent)
+    if dataset != MANIFEST:
+        held = set(store.committed_units(dataset))
+    else:
+        shards = round_layout(parent).shards
+        held = {
+            unit
+            for key in store.committed_units(shards)
+            for unit in store.read_marker(shards, key).get("units", [key])
+        }
+    known = manifest & held
     return known, manifest - known
 
 

@@ -154,7 +154,9 @@ def export_unit(unit: ExportUnit) -> StageSummary:
     for shard in shards:
         shard["file_bytes"] = store.fs.size(store.staging_path(unit.out_dir, shard["name"]))
     store.remove_replaced(unit.out_dir, unit.key, names)
-    store.write_marker(unit.out_dir, unit.key, {"shards": shards, "inputs": unit.inputs})
+    members = [key for key, _ in unit.members]
+    marker = {"shards": shards, "inputs": unit.inputs, "units": members}
+    store.write_marker(unit.out_dir, unit.key, marker)
     store.publish(unit.out_dir, names)
     return summary
 

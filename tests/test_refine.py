@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from engine.config import ExportConfig
 from engine.layout import MANIFEST, WRITE_LOCK, round_layout
 from engine.lock import StoreLock
 from engine.records import Caption, ImageRecord, Region, records_from_table, records_to_table
@@ -14,6 +15,7 @@ from engine.run import main
 from engine.world import render_image
 from refinement.policy import read_policy
 from refinement.refine import split_units
+from stages.export import ExportUnit, export_unit
 from tests.world_shards import exported_world, refine_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -132,6 +134,18 @@ def test_units_known_to_a_round_are_those_its_records_hold_not_its_shards(tmp_pa
         store.commit_unit(unit, {layout.filtered: store.read_unit(MANIFEST, unit)})
     for unit in store.committed_units(layout.shards)[1:]:
         store.remove_unit(layout.shards, unit)  # one shard made of all three units
+    add_new_images(store, 2)
+    known, fresh = split_units(store, 0)
+    assert (sorted(known), fresh) == (["u000", "u004", "u008"], {"u900"})
+
+
+def test_a_round_of_ingest_and_export_alone_knows_the_units_its_shards_span(tmp_path):
+    store = exported_world(tmp_path, images=12, seed=7, unit=4)  # no records of its own
+    shards = round_layout(0).shards
+    for unit in store.committed_units(shards):
+        store.remove_unit(shards, unit)
+    members = tuple((unit, None) for unit in store.committed_units(MANIFEST))
+    export_unit(ExportUnit("u000", store.url, MANIFEST, members, shards, ExportConfig()))
     add_new_images(store, 2)
     known, fresh = split_units(store, 0)
     assert (sorted(known), fresh) == (["u000", "u004", "u008"], {"u900"})
