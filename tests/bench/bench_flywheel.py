@@ -130,7 +130,8 @@ def step_seconds(store: Store, number: int, started: float | None) -> dict[str, 
 
 
 def spread(store: Store, truth_path: Path, config: EngineConfig) -> dict[str, float]:
-    """Per headline metric: round 0's difference between two halves of the scored images."""
+    """Per metric of the table: round 0's difference between two halves of the scored
+    images."""
     from filters.text import load_pipeline
 
     truth = load_truth(truth_path)
@@ -140,8 +141,21 @@ def spread(store: Store, truth_path: Path, config: EngineConfig) -> dict[str, fl
         {name: r for name, r in truth.items() if in_share(name, 0.5, "half") == side}
         for side in (True, False)
     ]
-    rows = quality_rows({str(i): evaluate(records, half, nlp) for i, half in enumerate(halves)})
+    evaluations = [evaluate(records, half, nlp) for half in halves]
+    rows = quality_rows({str(i): e for i, e in enumerate(evaluations)})
+    first, second = (caption_kinds(e.to_dict()["captions"]) for e in evaluations)
+    rows += [(name, first[name], second[name]) for name in first]
     return {name: abs(float(a) - float(b)) for name, a, b in rows if "-" not in (a, b)}
+
+
+def caption_kinds(captions: dict[str, dict]) -> dict[str, str]:
+    """Object precision and recall of each caption kind (an evaluation's ``captions``):
+    the headline rows score the detailed caption alone."""
+    return {
+        f"{kind} caption obj {side}": format_value(scores[f"object_{name}"])
+        for kind, scores in captions.items()
+        for side, name in (("P", "precision"), ("R", "recall"))
+    }
 
 
 def main() -> int:
@@ -189,13 +203,7 @@ def main() -> int:
             execute(plan(steps, request), request)
         layout = round_layout(number)
         quality = store.read_json(layout.quality)
-        # The headline rows score the detailed caption; every kind is in the evaluation.
-        captions = quality["evaluations"]["filtered"]["captions"]
-        kinds = {
-            f"{kind} caption obj {side}": format_value(scores[f"object_{name}"])
-            for kind, scores in captions.items()
-            for side, name in (("P", "precision"), ("R", "recall"))
-        }
+        kinds = caption_kinds(quality["evaluations"]["filtered"]["captions"])
         results.append(
             {
                 "round": number,
