@@ -383,6 +383,9 @@ def train_student(store: Store, config: EngineConfig, round_number: int) -> Stud
             storage_path=store.fs.unstrip_protocol(store.path(layout.root)),
             failure_config=FailureConfig(max_failures=student.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # Ray Train sends a worker's print to a logger and to stdout both: each progress
+            # line twice, and pycocotools' steps past the evaluation's redirect_stdout.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
     )
     result = trainer.fit()
