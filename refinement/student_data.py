@@ -159,9 +159,7 @@ class ExampleStream:
     def _augmented(self, example: Example) -> Example:
         """The example moved by ``augment``, drawn from its place in the stream: a
         stream rebuilt at a saved position moves the next examples alike."""
-        if self.augment is None:
-            return example
-        if example.record is None:
+        if self.augment is None or example.record is None:
             return example
         rng = random.Random(f"{self.seed}/{self.rank}/{self.epoch}/{self.consumed}/augment")
         moved = augment(example.record, example.jpeg, example.task, self.augment, rng)

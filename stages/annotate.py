@@ -315,6 +315,7 @@ def _run_specialists(
     fit is refused (``check_fits``)."""
     layout = round_layout(round_number)
     in_run = set(names)
+    upstream = {name: [layout.annotate(other) for other in producers[name]] for name in names}
     sizes: dict[str, int] = {}
     inputs: dict[str, dict[str, str]] = {name: {} for name in names}
     # Specialist -> its units to run, in order (a dict for a set's lookups).
@@ -324,8 +325,7 @@ def _run_specialists(
 
     def current(name: str, unit: str, ids: Sequence[str]) -> bool:
         """Whether ``name``'s unit is current; records its inputs, counts a skip or a redo."""
-        upstream = [layout.annotate(other) for other in producers[name]]
-        inputs[name][unit] = annotate_inputs(store, specs[name], unit, ids, upstream)
+        inputs[name][unit] = annotate_inputs(store, specs[name], unit, ids, upstream[name])
         dataset = layout.annotate(name)
         if store.is_current(dataset, unit, inputs[name][unit]):
             summary.units_skipped += 1
@@ -363,8 +363,7 @@ def _run_specialists(
     for name in busy:
 
         def open_unit(unit: str, name: str = name) -> _UnitJob:
-            upstream = [layout.annotate(other) for other in producers[name]]
-            ref = prepare.remote(store.url, unit, units[unit], upstream)
+            ref = prepare.remote(store.url, unit, units[unit], upstream[name])
             return _UnitJob(unit, sizes[unit], ref, inputs[name][unit])
 
         pools[name] = _Pool(
